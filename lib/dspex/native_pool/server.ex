@@ -1,0 +1,214 @@
+defmodule DSPex.NativePool.Server do
+  @moduledoc false
+  # Owns the native pool: starts it, publishes it in :persistent_term for callers, forwards
+  # worker stderr to Logger and worker events to telemetry, and stops the workers on shutdown.
+
+  use GenServer
+  require Logger
+
+  alias DSPex.NativePool.{Native, Telemetry}
+  alias DSPex.PythonBridge.NativePool
+
+  @options [
+    :name,
+    :pool_size,
+    :overflow,
+    :max_overflow,
+    :lazy,
+    :python,
+    :script,
+    :worker_args,
+    :env,
+    :checkout_timeout,
+    :operation_timeout,
+    :start_timeout,
+    :max_frame_size,
+    :affinity,
+    :affinity_wait,
+    :overflow_idle_timeout,
+    :shutdown_grace
+  ]
+
+  @doc false
+  def validate!(opts) do
+    opts = Keyword.validate!(opts, @options)
+    overflow = Keyword.get(opts, :max_overflow, Keyword.get(opts, :overflow, 2))
+
+    validated = [
+      name: check(opts, :name, NativePool.default_name(), &is_atom/1, "an atom"),
+      pool_size: check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
+      max_overflow: check([max_overflow: overflow], :max_overflow, 2, &non_neg_int?/1, "a non-negative integer"),
+      lazy: check(opts, :lazy, true, &is_boolean/1, "a boolean"),
+      python: check(opts, :python, default_python(), &string?/1, "a path"),
+      script: check(opts, :script, default_script(), &string?/1, "a path"),
+      worker_args: check(opts, :worker_args, [], &strings?/1, "a list of strings"),
+      env: check(opts, :env, [], &env?/1, "a list of {name, value} strings"),
+      checkout_timeout: check(opts, :checkout_timeout, NativePool.default_checkout_timeout(), &non_neg_int?/1, "a timeout in ms"),
+      operation_timeout: check(opts, :operation_timeout, NativePool.default_operation_timeout(), &non_neg_int?/1, "a timeout in ms"),
+      start_timeout: check(opts, :start_timeout, 60_000, &pos_int?/1, "a timeout in ms"),
+      max_frame_size: check(opts, :max_frame_size, 64 * 1024 * 1024, &pos_int?/1, "a size in bytes"),
+      affinity: check(opts, :affinity, :prefer, &(&1 in [:prefer, :strict]), ":prefer or :strict"),
+      affinity_wait: check(opts, :affinity_wait, 10, &non_neg_int?/1, "a time in ms"),
+      overflow_idle_timeout: check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
+      shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms")
+    ]
+
+    if File.exists?(validated[:script]) do
+      validated
+    else
+      raise ArgumentError, "the :script #{inspect(validated[:script])} does not exist"
+    end
+  end
+
+  defp check(opts, key, default, valid?, expected) do
+    value = Keyword.get(opts, key, default)
+
+    if valid?.(value) do
+      value
+    else
+      raise ArgumentError, "expected #{inspect(key)} to be #{expected}, got: #{inspect(value)}"
+    end
+  end
+
+  defp pos_int?(v), do: is_integer(v) and v > 0
+  defp non_neg_int?(v), do: is_integer(v) and v >= 0
+  defp string?(v), do: is_binary(v) and v != ""
+  defp strings?(v), do: is_list(v) and Enum.all?(v, &is_binary/1)
+  defp env?(v), do: is_list(v) and Enum.all?(v, &match?({k, val} when is_binary(k) and is_binary(val), &1))
+
+  @doc "The interpreter of the project's venv when it exists, else `python3`."
+  def default_python do
+    venv = Path.join(priv_dir(), "python/.venv/bin/python")
+    if File.exists?(venv), do: venv, else: System.find_executable("python3") || "python3"
+  end
+
+  defp default_script, do: Path.join(priv_dir(), "python/dspy_bridge.py")
+
+  defp priv_dir, do: :code.priv_dir(:dspex_native_pool) |> to_string()
+
+  @doc false
+  def fetch!(nil), do: fetch!(NativePool.default_name())
+
+  def fetch!(name) do
+    case :persistent_term.get({NativePool, name}, nil) do
+      nil -> raise ArgumentError, "no DSPex.PythonBridge.NativePool named #{inspect(name)} is running"
+      pool -> pool
+    end
+  end
+
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: :"#{opts[:name]}.Server")
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    name = opts[:name]
+    cache_dir = Path.join(System.tmp_dir!(), "dspex_native_pool_dspy_cache")
+
+    config = %{
+      pool_size: opts[:pool_size],
+      max_overflow: opts[:max_overflow],
+      lazy: opts[:lazy],
+      max_frame_size: opts[:max_frame_size],
+      start_timeout: opts[:start_timeout],
+      overflow_idle_timeout: opts[:overflow_idle_timeout],
+      affinity_wait: opts[:affinity_wait],
+      shutdown_grace: opts[:shutdown_grace],
+      python: opts[:python],
+      script: opts[:script],
+      worker_args: opts[:worker_args],
+      env:
+        [{"LITELLM_LOCAL_MODEL_COST_MAP", "True"}, {"DSPY_CACHEDIR", cache_dir}, {"PYTHONUNBUFFERED", "1"}] ++
+          opts[:env]
+    }
+
+    resource = Native.pool_start(config)
+    table = :ets.new(:dspex_native_pool_sessions, [:set, :public, read_concurrency: true, write_concurrency: true])
+
+    pool = %{
+      name: name,
+      resource: resource,
+      table: table,
+      checkout_timeout: opts[:checkout_timeout],
+      operation_timeout: opts[:operation_timeout],
+      affinity: opts[:affinity],
+      started_at: System.monotonic_time(:millisecond)
+    }
+
+    state = %{pool: pool, shutdown_grace: opts[:shutdown_grace]}
+
+    case wait_until_ready(opts, state) do
+      :ok ->
+        :persistent_term.put({NativePool, name}, pool)
+        Logger.info("DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})")
+        {:ok, state}
+
+      {:error, reason} ->
+        Native.pool_stop(resource)
+        {:stop, reason}
+    end
+  end
+
+  # With lazy: false, start-up returns once every worker answered its ping, or fails with why.
+  defp wait_until_ready(opts, state) do
+    if opts[:lazy] do
+      :ok
+    else
+      deadline = System.monotonic_time(:millisecond) + opts[:start_timeout] + 1_000
+      await_workers(state, opts[:pool_size], deadline)
+    end
+  end
+
+  defp await_workers(state, size, deadline) do
+    status = Native.status(state.pool.resource)
+
+    cond do
+      status.ready >= size ->
+        :ok
+
+      status.counters.start_failures > 0 and status.ready == 0 and status.starting == 0 ->
+        {:error, {:worker_start_failed, status.last_start_error}}
+
+      status.counters.start_failures > 0 ->
+        {:error, {:worker_start_failed, status.last_start_error}}
+
+      true ->
+        remaining = deadline - System.monotonic_time(:millisecond)
+
+        receive do
+          message ->
+            handle_native(message, state)
+            await_workers(state, size, deadline)
+        after
+          max(remaining, 0) -> {:error, {:worker_start_failed, "workers did not start in time"}}
+        end
+    end
+  end
+
+  @impl true
+  def handle_info(message, state) do
+    handle_native(message, state)
+    {:noreply, state}
+  end
+
+  defp handle_native({:dspex_native_pool_log, worker, level, line}, state) do
+    Logger.log(level, line, worker_id: worker, pool: state.pool.name)
+  end
+
+  defp handle_native({:dspex_native_pool_event, event, worker, meta}, state) do
+    Telemetry.worker_event(event, worker, Map.put(meta, :pool, state.pool.name))
+  end
+
+  defp handle_native(_other, _state), do: :ok
+
+  @impl true
+  def terminate(_reason, state) do
+    :persistent_term.erase({NativePool, state.pool.name})
+    Native.pool_stop(state.pool.resource)
+    # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
+    receive do
+      {:dspex_native_pool_event, :stopped} -> :ok
+    after
+      state.shutdown_grace * 2 + 1_000 -> :ok
+    end
+  end
+end

@@ -1,0 +1,405 @@
+//! The NIF boundary: decode arguments, call the pool, encode results. Nothing here blocks:
+//! replies travel as `{ref, result}` messages from the runtime's threads.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rustler::env::SavedTerm;
+use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+
+use crate::checkout::{LeaseResource, LIVE};
+use crate::error::PoolError;
+use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
+use crate::worker::PythonSpawner;
+
+mod atoms {
+    rustler::atoms! {
+        ok, error, queued, anonymous, session, strict, nil,
+        dspex_native_pool_log, dspex_native_pool_event, worker_started, worker_exited, stopped,
+        pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions,
+        last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
+        recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
+        debug, info, warning,
+    }
+}
+
+pub fn load(env: Env, _info: Term) -> bool {
+    let _ = env;
+    crate::runtime::handle();
+    true
+}
+
+pub struct PoolResource {
+    pub pool: Pool,
+}
+
+#[rustler::resource_impl]
+impl Resource for PoolResource {}
+
+/// Runs `f` with an env it may send from: directly on a runtime thread, else (a scheduler
+/// thread, where `OwnedEnv::send_and_clear` would panic) on the runtime.
+fn off_scheduler(f: impl FnOnce() + Send + 'static) {
+    if crate::runtime::on_runtime_thread() {
+        f()
+    } else {
+        crate::runtime::spawn(async move { f() });
+    }
+}
+
+struct BeamReply {
+    pid: LocalPid,
+    env: OwnedEnv,
+    reference: SavedTerm,
+}
+
+impl BeamReply {
+    fn new(env: Env, reference: Term) -> BeamReply {
+        let owned = OwnedEnv::new();
+        let saved = owned.save(reference);
+        BeamReply {
+            pid: env.pid(),
+            env: owned,
+            reference: saved,
+        }
+    }
+}
+
+impl ReplySink for BeamReply {
+    fn deliver(self: Box<Self>, delivery: Delivery) {
+        off_scheduler(move || {
+            let BeamReply {
+                pid,
+                mut env,
+                reference,
+            } = *self;
+            let _ = env.send_and_clear(&pid, |env| {
+                let r = reference.load(env);
+                let payload = match &delivery {
+                    Delivery::Assigned => atoms::ok().encode(env),
+                    Delivery::Reply(Ok(v)) => {
+                        (atoms::ok(), crate::term::to_term(env, v)).encode(env)
+                    }
+                    Delivery::Reply(Err(e)) => (atoms::error(), e).encode(env),
+                };
+                (r, payload)
+            });
+        });
+    }
+}
+
+struct BeamEvents {
+    owner: LocalPid,
+}
+
+impl BeamEvents {
+    fn send(&self, build: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static) {
+        let owner = self.owner;
+        off_scheduler(move || {
+            let _ = OwnedEnv::new().send_and_clear(&owner, build);
+        });
+    }
+}
+
+impl EventSink for BeamEvents {
+    fn log(&self, worker: u64, level: &'static str, line: String) {
+        self.send(move |env| {
+            let level = match level {
+                "debug" => atoms::debug(),
+                "warning" => atoms::warning(),
+                "error" => atoms::error(),
+                _ => atoms::info(),
+            };
+            (atoms::dspex_native_pool_log(), worker, level, line).encode(env)
+        });
+    }
+
+    fn worker_started(&self, worker: u64, pid: Option<u32>, start_ms: u64) {
+        self.send(move |env| {
+            let meta = Term::map_from_pairs(
+                env,
+                &[
+                    (atoms::pid().encode(env), pid.encode(env)),
+                    (atoms::start_ms().encode(env), start_ms.encode(env)),
+                ],
+            )
+            .unwrap();
+            (
+                atoms::dspex_native_pool_event(),
+                atoms::worker_started(),
+                worker,
+                meta,
+            )
+                .encode(env)
+        });
+    }
+
+    fn worker_exited(&self, worker: u64, reason: String) {
+        self.send(move |env| {
+            let meta =
+                Term::map_from_pairs(env, &[(atoms::reason().encode(env), reason.encode(env))])
+                    .unwrap();
+            (
+                atoms::dspex_native_pool_event(),
+                atoms::worker_exited(),
+                worker,
+                meta,
+            )
+                .encode(env)
+        });
+    }
+
+    fn stopped(&self) {
+        self.send(|env| (atoms::dspex_native_pool_event(), atoms::stopped()).encode(env));
+    }
+}
+
+#[derive(rustler::NifMap)]
+struct Config {
+    pool_size: usize,
+    max_overflow: usize,
+    lazy: bool,
+    max_frame_size: usize,
+    start_timeout: u64,
+    overflow_idle_timeout: u64,
+    affinity_wait: u64,
+    shutdown_grace: u64,
+    python: String,
+    script: String,
+    worker_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+#[rustler::nif]
+fn pool_start(env: Env, config: Config) -> Term {
+    let pool_config = PoolConfig {
+        pool_size: config.pool_size,
+        max_overflow: config.max_overflow,
+        lazy: config.lazy,
+        max_frame_size: config.max_frame_size,
+        start_timeout: Duration::from_millis(config.start_timeout),
+        overflow_idle: Duration::from_millis(config.overflow_idle_timeout),
+        affinity_wait: Duration::from_millis(config.affinity_wait),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace),
+        ..PoolConfig::default()
+    };
+    let spawner = PythonSpawner {
+        python: PathBuf::from(config.python),
+        script: PathBuf::from(config.script),
+        args: config.worker_args,
+        env: config.env,
+    };
+    let events = BeamEvents { owner: env.pid() };
+    let pool = Pool::start(pool_config, Box::new(spawner), Box::new(events));
+    ResourceArc::new(PoolResource { pool }).encode(env)
+}
+
+#[rustler::nif]
+fn pool_stop(pool: ResourceArc<PoolResource>) -> Atom {
+    pool.pool.stop();
+    atoms::ok()
+}
+
+fn decode_mode(term: Term) -> NifResult<Mode> {
+    if let Ok(a) = term.decode::<Atom>() {
+        if a == atoms::anonymous() {
+            return Ok(Mode::Anonymous);
+        }
+    }
+    if let Ok((tag, id)) = term.decode::<(Atom, String)>() {
+        if tag == atoms::session() {
+            return Ok(Mode::Session {
+                id: id.into(),
+                strict: false,
+            });
+        }
+    }
+    if let Ok((tag, id, flag)) = term.decode::<(Atom, String, Atom)>() {
+        if tag == atoms::session() && flag == atoms::strict() {
+            return Ok(Mode::Session {
+                id: id.into(),
+                strict: true,
+            });
+        }
+    }
+    Err(rustler::Error::BadArg)
+}
+
+fn decode_command(term: Term) -> NifResult<String> {
+    if let Ok(a) = term.decode::<Atom>() {
+        return term
+            .atom_to_string()
+            .map_err(|_| rustler::Error::BadArg)
+            .and_then(|s| {
+                let _ = a;
+                Ok(s)
+            });
+    }
+    term.decode::<String>()
+}
+
+fn encode_args(args: Term) -> Result<Vec<u8>, PoolError> {
+    let mut out = Vec::with_capacity(64);
+    crate::term::write_json(args, &mut out).map_err(PoolError::InvalidArgs)?;
+    Ok(out)
+}
+
+fn error<'a>(env: Env<'a>, e: PoolError) -> Term<'a> {
+    (atoms::error(), e).encode(env)
+}
+
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
+fn execute<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    reference: Term<'a>,
+    mode: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    pool_timeout: u64,
+    timeout: u64,
+) -> NifResult<Term<'a>> {
+    let mode = decode_mode(mode)?;
+    let command = decode_command(command)?;
+    let args = match encode_args(arguments) {
+        Ok(a) => a,
+        Err(e) => return Ok(error(env, e)),
+    };
+    let id = pool.pool.new_lease_id();
+    let lease = ResourceArc::new(LeaseResource::new(pool.clone(), id));
+    env.monitor(&lease, &env.pid());
+    let request = Request {
+        command,
+        args,
+        timeout: Duration::from_millis(timeout),
+    };
+    let reply = Box::new(BeamReply::new(env, reference));
+    match pool.pool.acquire(
+        id,
+        mode,
+        Some(request),
+        reply,
+        Duration::from_millis(pool_timeout),
+        Some(Box::new(lease)),
+    ) {
+        Ok(_) => Ok(atoms::ok().encode(env)),
+        Err(e) => Ok(error(env, e)),
+    }
+}
+
+#[rustler::nif]
+fn checkout<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    reference: Term<'a>,
+    mode: Term<'a>,
+    pool_timeout: u64,
+) -> NifResult<Term<'a>> {
+    let mode = decode_mode(mode)?;
+    let id = pool.pool.new_lease_id();
+    let lease = ResourceArc::new(LeaseResource::new(pool.clone(), id));
+    env.monitor(&lease, &env.pid());
+    let reply = Box::new(BeamReply::new(env, reference));
+    match pool.pool.acquire(
+        id,
+        mode,
+        None,
+        reply,
+        Duration::from_millis(pool_timeout),
+        None,
+    ) {
+        Ok(Acquired::Now(_)) => Ok((atoms::ok(), lease).encode(env)),
+        Ok(Acquired::Queued(_)) => Ok((atoms::queued(), lease).encode(env)),
+        Err(e) => Ok(error(env, e)),
+    }
+}
+
+#[rustler::nif]
+fn call<'a>(
+    env: Env<'a>,
+    lease: ResourceArc<LeaseResource>,
+    reference: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    timeout: u64,
+) -> NifResult<Term<'a>> {
+    let command = decode_command(command)?;
+    let args = match encode_args(arguments) {
+        Ok(a) => a,
+        Err(e) => return Ok(error(env, e)),
+    };
+    let request = Request {
+        command,
+        args,
+        timeout: Duration::from_millis(timeout),
+    };
+    let reply = Box::new(BeamReply::new(env, reference));
+    match lease.pool.pool.call(lease.id, request, reply) {
+        Ok(()) => Ok(atoms::ok().encode(env)),
+        Err(e) => Ok(error(env, e)),
+    }
+}
+
+#[rustler::nif]
+fn checkin(lease: ResourceArc<LeaseResource>) -> Atom {
+    lease.pool.pool.release(lease.id);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn end_session(pool: ResourceArc<PoolResource>, session_id: String) -> Atom {
+    pool.pool.end_session(&session_id);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn status(env: Env, pool: ResourceArc<PoolResource>) -> Term {
+    let s = pool.pool.status();
+    let c = &s.counters;
+    let counters = Term::map_from_pairs(
+        env,
+        &keyed(
+            env,
+            &[
+                (atoms::requests(), c.requests.encode(env)),
+                (atoms::errors(), c.errors.encode(env)),
+                (atoms::timeouts(), c.timeouts.encode(env)),
+                (atoms::pool_timeouts(), c.pool_timeouts.encode(env)),
+                (atoms::recycled(), c.recycled.encode(env)),
+                (atoms::worker_starts(), c.worker_starts.encode(env)),
+                (atoms::start_failures(), c.start_failures.encode(env)),
+                (atoms::restores(), c.restores.encode(env)),
+            ],
+        ),
+    )
+    .unwrap();
+    Term::map_from_pairs(
+        env,
+        &keyed(
+            env,
+            &[
+                (atoms::pool_size(), s.pool_size.encode(env)),
+                (atoms::max_overflow(), s.max_overflow.encode(env)),
+                (atoms::ready(), s.ready.encode(env)),
+                (atoms::busy(), s.busy.encode(env)),
+                (atoms::starting(), s.starting.encode(env)),
+                (atoms::overflow(), s.overflow.encode(env)),
+                (atoms::queued_callers(), s.queued.encode(env)),
+                (atoms::native_sessions(), s.sessions.encode(env)),
+                (atoms::last_start_error(), s.last_start_error.encode(env)),
+                (atoms::counters(), counters),
+                (atoms::worker_pids(), s.worker_pids.encode(env)),
+            ],
+        ),
+    )
+    .unwrap()
+}
+
+#[rustler::nif]
+fn live_leases() -> i64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn keyed<'a>(env: Env<'a>, pairs: &[(Atom, Term<'a>)]) -> Vec<(Term<'a>, Term<'a>)> {
+    pairs.iter().map(|(k, v)| (k.encode(env), *v)).collect()
+}
