@@ -38,6 +38,7 @@ defmodule Mix.Tasks.Compile.DspexNative do
   def run(_args) do
     root = Path.dirname(Mix.Project.project_file())
     target = Path.join(root, "priv/native/#{@crate}.so")
+
     sources =
       Path.wildcard(Path.join(root, "native/#{@crate}/src/**/*.rs")) ++
         Enum.map(

@@ -21,4 +21,6 @@ defmodule DSPex.NativePool.Native do
   def end_session(_pool, _session_id), do: :erlang.nif_error(:nif_not_loaded)
   def status(_pool), do: :erlang.nif_error(:nif_not_loaded)
   def live_leases, do: :erlang.nif_error(:nif_not_loaded)
+  def json_encode(_term), do: :erlang.nif_error(:nif_not_loaded)
+  def json_decode(_json), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -36,20 +36,45 @@ defmodule DSPex.NativePool.Server do
 
     validated = [
       name: check(opts, :name, NativePool.default_name(), &is_atom/1, "an atom"),
-      pool_size: check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
-      max_overflow: check([max_overflow: overflow], :max_overflow, 2, &non_neg_int?/1, "a non-negative integer"),
+      pool_size:
+        check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
+      max_overflow:
+        check(
+          [max_overflow: overflow],
+          :max_overflow,
+          2,
+          &non_neg_int?/1,
+          "a non-negative integer"
+        ),
       lazy: check(opts, :lazy, true, &is_boolean/1, "a boolean"),
       python: check(opts, :python, default_python(), &string?/1, "a path"),
       script: check(opts, :script, default_script(), &string?/1, "a path"),
       worker_args: check(opts, :worker_args, [], &strings?/1, "a list of strings"),
       env: check(opts, :env, [], &env?/1, "a list of {name, value} strings"),
-      checkout_timeout: check(opts, :checkout_timeout, NativePool.default_checkout_timeout(), &non_neg_int?/1, "a timeout in ms"),
-      operation_timeout: check(opts, :operation_timeout, NativePool.default_operation_timeout(), &non_neg_int?/1, "a timeout in ms"),
+      checkout_timeout:
+        check(
+          opts,
+          :checkout_timeout,
+          NativePool.default_checkout_timeout(),
+          &non_neg_int?/1,
+          "a timeout in ms"
+        ),
+      operation_timeout:
+        check(
+          opts,
+          :operation_timeout,
+          NativePool.default_operation_timeout(),
+          &non_neg_int?/1,
+          "a timeout in ms"
+        ),
       start_timeout: check(opts, :start_timeout, 60_000, &pos_int?/1, "a timeout in ms"),
-      max_frame_size: check(opts, :max_frame_size, 64 * 1024 * 1024, &pos_int?/1, "a size in bytes"),
-      affinity: check(opts, :affinity, :prefer, &(&1 in [:prefer, :strict]), ":prefer or :strict"),
+      max_frame_size:
+        check(opts, :max_frame_size, 64 * 1024 * 1024, &pos_int?/1, "a size in bytes"),
+      affinity:
+        check(opts, :affinity, :prefer, &(&1 in [:prefer, :strict]), ":prefer or :strict"),
       affinity_wait: check(opts, :affinity_wait, 10, &non_neg_int?/1, "a time in ms"),
-      overflow_idle_timeout: check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
+      overflow_idle_timeout:
+        check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
       shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms")
     ]
 
@@ -74,7 +99,9 @@ defmodule DSPex.NativePool.Server do
   defp non_neg_int?(v), do: is_integer(v) and v >= 0
   defp string?(v), do: is_binary(v) and v != ""
   defp strings?(v), do: is_list(v) and Enum.all?(v, &is_binary/1)
-  defp env?(v), do: is_list(v) and Enum.all?(v, &match?({k, val} when is_binary(k) and is_binary(val), &1))
+
+  defp env?(v),
+    do: is_list(v) and Enum.all?(v, &match?({k, val} when is_binary(k) and is_binary(val), &1))
 
   @doc "The interpreter of the project's venv when it exists, else `python3`."
   def default_python do
@@ -91,8 +118,11 @@ defmodule DSPex.NativePool.Server do
 
   def fetch!(name) do
     case :persistent_term.get({NativePool, name}, nil) do
-      nil -> raise ArgumentError, "no DSPex.PythonBridge.NativePool named #{inspect(name)} is running"
-      pool -> pool
+      nil ->
+        raise ArgumentError, "no DSPex.PythonBridge.NativePool named #{inspect(name)} is running"
+
+      pool ->
+        pool
     end
   end
 
@@ -117,12 +147,23 @@ defmodule DSPex.NativePool.Server do
       script: opts[:script],
       worker_args: opts[:worker_args],
       env:
-        [{"LITELLM_LOCAL_MODEL_COST_MAP", "True"}, {"DSPY_CACHEDIR", cache_dir}, {"PYTHONUNBUFFERED", "1"}] ++
+        [
+          {"LITELLM_LOCAL_MODEL_COST_MAP", "True"},
+          {"DSPY_CACHEDIR", cache_dir},
+          {"PYTHONUNBUFFERED", "1"}
+        ] ++
           opts[:env]
     }
 
     resource = Native.pool_start(config)
-    table = :ets.new(:dspex_native_pool_sessions, [:set, :public, read_concurrency: true, write_concurrency: true])
+
+    table =
+      :ets.new(:dspex_native_pool_sessions, [
+        :set,
+        :public,
+        read_concurrency: true,
+        write_concurrency: true
+      ])
 
     pool = %{
       name: name,
@@ -139,7 +180,11 @@ defmodule DSPex.NativePool.Server do
     case wait_until_ready(opts, state) do
       :ok ->
         :persistent_term.put({NativePool, name}, pool)
-        Logger.info("DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})")
+
+        Logger.info(
+          "DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})"
+        )
+
         {:ok, state}
 
       {:error, reason} ->

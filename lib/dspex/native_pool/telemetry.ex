@@ -18,7 +18,11 @@ defmodule DSPex.NativePool.Telemetry do
   end
 
   def worker_event(:worker_exited, worker, meta) do
-    emit([:dspex_native_pool, :worker, :exit], %{}, %{pool: meta.pool, worker_id: worker, reason: meta.reason})
+    emit([:dspex_native_pool, :worker, :exit], %{}, %{
+      pool: meta.pool,
+      worker_id: worker,
+      reason: meta.reason
+    })
   end
 
   def worker_event(_event, _worker, _meta), do: :ok

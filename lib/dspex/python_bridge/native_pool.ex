@@ -230,7 +230,9 @@ defmodule DSPex.PythonBridge.NativePool do
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
 
     with {:ok, args} <- args_map(args) do
-      args = if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
+      args =
+        if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
+
       ref = make_ref()
 
       case Native.call(checkout.lease, ref, command, args, timeout) do

@@ -403,3 +403,25 @@ fn live_leases() -> i64 {
 fn keyed<'a>(env: Env<'a>, pairs: &[(Atom, Term<'a>)]) -> Vec<(Term<'a>, Term<'a>)> {
     pairs.iter().map(|(k, v)| (k.encode(env), *v)).collect()
 }
+
+/// The JSON text the pool would send for `term` (tests and benchmarks of the conversion).
+#[rustler::nif]
+fn json_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
+    match encode_args(term) {
+        Ok(bytes) => {
+            let mut bin = rustler::NewBinary::new(env, bytes.len());
+            bin.as_mut_slice().copy_from_slice(&bytes);
+            (atoms::ok(), Term::from(bin)).encode(env)
+        }
+        Err(e) => error(env, e),
+    }
+}
+
+/// The term the pool would deliver for the JSON text `json`.
+#[rustler::nif]
+fn json_decode<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
+    match serde_json::from_slice::<serde_json::Value>(json.as_slice()) {
+        Ok(v) => (atoms::ok(), crate::term::to_term(env, &v)).encode(env),
+        Err(e) => error(env, PoolError::Decode(e.to_string())),
+    }
+}
