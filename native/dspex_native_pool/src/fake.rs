@@ -1,1 +1,196 @@
-pub fn placeholder() {}
+//! In-process fake workers speaking the real protocol over real pipes, so the pool's logic is
+//! tested in milliseconds without Python. Commands mirror `test/support/test_worker.py`.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use crate::error::{ExitInfo, PoolError};
+use crate::pool::{Delivery, EventSink, ReplySink, WorkerId};
+use crate::protocol;
+use crate::worker::{Spawned, Spawner};
+
+/// What every fake worker received, in order: (worker id, command).
+pub type Journal = Arc<Mutex<Vec<(u64, String)>>>;
+
+#[derive(Default, Clone)]
+pub struct FakeSpawner {
+    pub journal: Journal,
+    /// When set, `spawn` fails with this message.
+    pub fail: Arc<Mutex<Option<String>>>,
+    pub spawns: Arc<Mutex<u32>>,
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&self, worker_id: u64) -> io::Result<Spawned> {
+        *self.spawns.lock().unwrap() += 1;
+        if let Some(msg) = self.fail.lock().unwrap().clone() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, msg));
+        }
+        let (stdin_tx, stdin_rx) = pipe::pipe()?;
+        let (stdout_tx, stdout_rx) = pipe::pipe()?;
+        let (exit_tx, exit_rx) = oneshot::channel::<ExitInfo>();
+        let (sig_tx, sig_rx) = mpsc::unbounded_channel::<i32>();
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            let exit = serve(worker_id, stdin_rx, stdout_tx, sig_rx, journal).await;
+            let _ = exit_tx.send(exit);
+        });
+        Ok(Spawned {
+            pid: None,
+            stdin: stdin_tx,
+            stdout: Box::new(stdout_rx),
+            stderr: None,
+            exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::Unknown) }),
+            signal: Box::new(move |sig| {
+                let _ = sig_tx.send(sig);
+            }),
+        })
+    }
+}
+
+async fn serve(
+    wid: u64,
+    stdin: pipe::Receiver,
+    mut stdout: pipe::Sender,
+    mut signals: mpsc::UnboundedReceiver<i32>,
+    journal: Journal,
+) -> ExitInfo {
+    let mut frames = FramedRead::new(stdin, protocol::codec(protocol::DEFAULT_MAX_FRAME));
+    let mut sessions: HashMap<String, Vec<String>> = HashMap::new();
+    loop {
+        let body = tokio::select! {
+            sig = signals.recv() => return ExitInfo::Signal(sig.unwrap_or(9)),
+            frame = frames.next() => match frame {
+                Some(Ok(b)) => b,
+                _ => return ExitInfo::Code(0),
+            },
+        };
+        let req: Value = serde_json::from_slice(&body).unwrap();
+        let id = req["id"].as_u64().unwrap();
+        let cmd = req["command"].as_str().unwrap().to_owned();
+        let args = req["args"].clone();
+        journal.lock().unwrap().push((wid, cmd.clone()));
+        let sid = args["session_id"].as_str().unwrap_or("").to_owned();
+        let reply: Option<Vec<u8>> = match cmd.as_str() {
+            "ping" => ok(id, json!({"status": "ok", "worker_id": wid})),
+            "echo" | "configure_lm" => ok(id, args),
+            "cleanup_session" => {
+                sessions.remove(&sid);
+                ok(id, json!({}))
+            }
+            "sleep" => {
+                let ms = args["ms"].as_u64().unwrap_or(0);
+                tokio::select! {
+                    sig = signals.recv() => return ExitInfo::Signal(sig.unwrap_or(9)),
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                }
+                ok(id, json!({"slept": ms}))
+            }
+            "exit" => return ExitInfo::Code(args["code"].as_i64().unwrap_or(1) as i32),
+            "garbage" => Some(b"this is not a frame\n".to_vec()),
+            "wrong_id" => ok(id + 1000, json!(1)),
+            "fail" => err(id, args["message"].as_str().unwrap_or("failed")),
+            "create_program" => {
+                let pid = args["id"].as_str().unwrap_or("p").to_owned();
+                sessions.entry(sid).or_default().push(pid.clone());
+                ok(id, json!({"program_id": pid}))
+            }
+            "restore_session" => {
+                let ids = args["programs"].as_array().unwrap().iter();
+                let ids = ids.map(|p| p["id"].as_str().unwrap().to_owned()).collect();
+                sessions.insert(sid, ids);
+                ok(id, json!({}))
+            }
+            "execute_program" => {
+                let pid = args["program_id"].as_str().unwrap_or("");
+                if sessions
+                    .get(&sid)
+                    .is_some_and(|p| p.iter().any(|x| x == pid))
+                {
+                    ok(id, json!({"worker": wid}))
+                } else {
+                    err(id, &format!("Program not found: {pid}"))
+                }
+            }
+            "shutdown" => {
+                let _ = stdout.write_all(&ok(id, json!({})).unwrap()).await;
+                return ExitInfo::Code(0);
+            }
+            other => err(id, &format!("Unknown command: {other}")),
+        };
+        if let Some(bytes) = reply {
+            if stdout.write_all(&bytes).await.is_err() {
+                return ExitInfo::Code(1);
+            }
+        }
+    }
+}
+
+fn frame(v: Value) -> Option<Vec<u8>> {
+    let body = serde_json::to_vec(&v).unwrap();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    Some(out)
+}
+
+fn ok(id: u64, result: Value) -> Option<Vec<u8>> {
+    frame(json!({"id": id, "success": true, "result": result}))
+}
+
+fn err(id: u64, msg: &str) -> Option<Vec<u8>> {
+    frame(json!({"id": id, "success": false, "error": msg}))
+}
+
+/// A reply sink backed by a oneshot channel.
+pub struct Chan(pub oneshot::Sender<Delivery>);
+
+impl ReplySink for Chan {
+    fn deliver(self: Box<Self>, d: Delivery) {
+        let _ = self.0.send(d);
+    }
+}
+
+pub fn sink() -> (Box<dyn ReplySink>, oneshot::Receiver<Delivery>) {
+    let (tx, rx) = oneshot::channel();
+    (Box::new(Chan(tx)), rx)
+}
+
+/// Lifecycle events, as a stream tests can await instead of sleeping.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    Started(WorkerId),
+    Exited(WorkerId),
+    Stopped,
+}
+
+pub struct Events(pub mpsc::UnboundedSender<Event>);
+
+impl EventSink for Events {
+    fn log(&self, _w: WorkerId, _level: &'static str, _line: String) {}
+    fn worker_started(&self, w: WorkerId, _pid: Option<u32>, _ms: u64) {
+        let _ = self.0.send(Event::Started(w));
+    }
+    fn worker_exited(&self, w: WorkerId, _reason: String) {
+        let _ = self.0.send(Event::Exited(w));
+    }
+    fn stopped(&self) {
+        let _ = self.0.send(Event::Stopped);
+    }
+}
+
+/// Unwraps a reply delivery.
+pub fn reply(d: Delivery) -> Result<Value, PoolError> {
+    match d {
+        Delivery::Reply(r) => r,
+        Delivery::Assigned => panic!("expected a reply, got Assigned"),
+    }
+}

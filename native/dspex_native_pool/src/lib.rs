@@ -6,6 +6,8 @@ pub mod error;
 #[cfg(test)]
 pub mod fake;
 pub mod pool;
+#[cfg(test)]
+mod pool_tests;
 pub mod protocol;
 pub mod runtime;
 pub mod session;
@@ -16,3 +18,11 @@ mod checkout;
 mod nif;
 
 rustler::init!("Elixir.DSPex.NativePool.Native", load = nif::load);
+
+/// rustler takes the address of `enif_snprintf`, so test binaries (which run outside the BEAM
+/// and call no other `enif_*` function) need a definition to start at all.
+#[cfg(test)]
+#[no_mangle]
+pub extern "C" fn enif_snprintf() -> i32 {
+    0
+}

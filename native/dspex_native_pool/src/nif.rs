@@ -225,14 +225,8 @@ fn decode_mode(term: Term) -> NifResult<Mode> {
 }
 
 fn decode_command(term: Term) -> NifResult<String> {
-    if let Ok(a) = term.decode::<Atom>() {
-        return term
-            .atom_to_string()
-            .map_err(|_| rustler::Error::BadArg)
-            .and_then(|s| {
-                let _ = a;
-                Ok(s)
-            });
+    if term.is_atom() {
+        return term.atom_to_string();
     }
     term.decode::<String>()
 }
