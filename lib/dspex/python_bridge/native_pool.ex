@@ -89,7 +89,12 @@ defmodule DSPex.PythonBridge.NativePool do
   @spec start_link(keyword()) :: Supervisor.on_start()
   def start_link(opts \\ []) do
     opts = Server.validate!(opts)
-    Supervisor.start_link(__MODULE__, opts, name: supervisor_name(opts[:name]))
+
+    case Supervisor.start_link(__MODULE__, opts, name: supervisor_name(opts[:name])) do
+      # Say why the pool could not start, not how supervisors nest.
+      {:error, {:shutdown, {:failed_to_start_child, Server, reason}}} -> {:error, reason}
+      other -> other
+    end
   end
 
   @doc false

@@ -1239,7 +1239,15 @@ impl Shared {
         let mut fx = Effects::default();
         {
             let mut st = self.lock();
-            let e = PoolError::Decode(format!("unreadable output from worker: {err}"));
+            let e = PoolError::Decode(if err.kind() == std::io::ErrorKind::InvalidData {
+                format!(
+                    "the worker wrote a frame header announcing more than max_frame_size ({} bytes): \
+                     an oversized reply, or bytes that are not a frame (a stray write to stdout)",
+                    self.config.max_frame_size
+                )
+            } else {
+                format!("unreadable output from worker: {err}")
+            });
             let why = e.to_string();
             self.kill_worker(&mut st, wid, &why, &mut fx, move |_| e.clone());
         }
@@ -1494,9 +1502,7 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId, delay: Duration) {
     let Some(shared) = pool.upgrade() else { return };
     let spawned = match shared.spawner.spawn(wid) {
         Ok(s) => s,
-        Err(e) => {
-            return shared.on_start_failed(wid, format!("could not start the worker process: {e}"))
-        }
+        Err(e) => return shared.on_start_failed(wid, e.to_string()),
     };
     let conn = Arc::new(Conn::new(spawned.pid, spawned.stdin, spawned.signal));
     let stderr_task = spawned.stderr.map(|stderr| {

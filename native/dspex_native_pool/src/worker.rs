@@ -184,7 +184,12 @@ impl Spawner for PythonSpawner {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
+        let mut child = cmd.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("could not start {}: {e}", self.python.display()),
+            )
+        })?;
         let pid = child.id();
         let stdin =
             pipe::Sender::from_owned_fd(child.stdin.take().expect("piped").into_owned_fd()?)?;

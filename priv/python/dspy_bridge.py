@@ -1,0 +1,730 @@
+#!/usr/bin/env python3
+"""DSPy 3.4.1 worker for dspex_native_pool.
+
+    python dspy_bridge.py --mode pool-worker --worker-id ID
+    python dspy_bridge.py                      # standalone: one global namespace
+
+Wire protocol (CONTRACT.md §5): every frame is a 4-byte big-endian length
+followed by that many bytes of UTF-8 JSON. Requests
+``{"id", "command", "args"}`` arrive on stdin; responses
+``{"id", "success": true, "result"}`` / ``{"id", "success": false, "error"}``
+leave on the original stdout.
+
+The protocol owns the original stdin and stdout. Both are moved to private
+descriptors before anything heavy is imported; fd 1 then points at stderr and
+fd 0 at /dev/null, so neither a library's ``print`` nor a C extension's
+``write(1, ...)`` can corrupt a frame, and nothing can steal request bytes.
+
+A daemon thread reads frames and queues them; every command runs on the main
+thread (``dspy.configure`` may only ever be called from one thread). When stdin
+reaches EOF the VM is gone and the reader ends the process at once, even while
+a long DSPy call is still running on the main thread.
+
+In pool-worker mode every program command needs ``args.session_id`` and
+programs live in per-session namespaces, so two sessions may use the same
+program id. ``restore_session`` rebuilds a session from its specs, which lets
+the pool move a session to another worker after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import logging
+import operator
+import os
+import queue
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+try:
+    import orjson
+except ImportError:  # stdlib json keeps the worker usable without orjson
+    orjson = None
+
+dspy: Any = None  # imported by main() once the protocol owns stdin/stdout
+
+log = logging.getLogger("dspy_bridge")
+
+STANDALONE_NAMESPACE = "__standalone__"
+PROGRAM_TYPES = ("predict", "chain_of_thought", "react")
+
+# configure_lm "provider" -> LiteLLM model prefix.
+PROVIDER_PREFIXES = {
+    "openai": "openai", "gemini": "gemini", "google": "gemini", "anthropic": "anthropic",
+    "groq": "groq", "mistral": "mistral", "cohere": "cohere", "deepseek": "deepseek",
+    "together": "together_ai", "together_ai": "together_ai", "openrouter": "openrouter",
+    "ollama": "ollama_chat", "ollama_chat": "ollama_chat", "azure": "azure",
+    "bedrock": "bedrock", "vertex_ai": "vertex_ai", "fireworks_ai": "fireworks_ai",
+    "perplexity": "perplexity", "xai": "xai", "huggingface": "huggingface",
+}
+# A bare model name without a provider (DSPex's bridge assumed Google).
+MODEL_NAME_PROVIDERS = (("gemini", "gemini"), ("gpt-", "openai"), ("o1", "openai"),
+                        ("o3", "openai"), ("o4", "openai"), ("claude", "anthropic"))
+
+FIELD_TYPES: dict[str, Any] = {
+    "str": str, "string": str, "text": str, "int": int, "integer": int,
+    "float": float, "number": float, "bool": bool, "boolean": bool,
+    "list": list[str], "list[str]": list[str], "dict": dict[str, Any],
+}
+# Keyword arguments dspy.Predict takes for itself, so they cannot be inputs.
+PREDICT_KWARGS = {"demos", "config", "lm", "signature", "new_signature"}
+# Names the DSPy modules add to a signature themselves.
+RESERVED_FIELDS = {
+    "predict": set(),
+    "chain_of_thought": {"reasoning"},
+    "react": {"reasoning", "trajectory", "next_thought", "next_tool_name", "next_tool_args"},
+}
+
+
+class CommandError(Exception):
+    """An expected failure; its message goes to the caller verbatim."""
+
+
+# --------------------------------------------------------------------------- framing
+
+def claim_stdio() -> tuple[int, int]:
+    """Move the protocol to private fds; return (request_fd, response_fd)."""
+    request_fd, response_fd = os.dup(0), os.dup(1)  # dups are not inherited by children
+    os.dup2(2, 1)  # C-level writes to fd 1 now land on stderr
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # input() or a child process reading stdin gets EOF, not our frames
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    sys.stdin = open(os.devnull)
+    return request_fd, response_fd
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
+    """Read exactly n bytes, or return None on EOF."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(fd: int) -> bytes | None:
+    header = read_exact(fd, 4)
+    if header is None:
+        return None
+    return read_exact(fd, int.from_bytes(header, "big"))
+
+
+def write_frame(fd: int, body: bytes) -> None:
+    """Header and body in one buffer, so a frame is never interleaved or split."""
+    view = memoryview(len(body).to_bytes(4, "big") + body)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def decode(body: bytes) -> Any:
+    return orjson.loads(body) if orjson else json.loads(body)
+
+
+def encode(obj: Any) -> bytes:
+    """Serialise a response; values JSON cannot hold become strings."""
+    if orjson:
+        opts = orjson.OPT_NON_STR_KEYS
+        try:
+            return orjson.dumps(obj, option=opts)
+        except TypeError:
+            return orjson.dumps(obj, option=opts, default=str)
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                          default=str).encode()
+
+
+def to_jsonable(value: Any) -> Any:
+    """DSPy outputs may hold pydantic models, tuples, or arbitrary objects."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "model_dump"):
+        try:
+            return to_jsonable(value.model_dump())
+        except Exception:  # a broken model_dump still has a str()
+            pass
+    return str(value)
+
+
+def start_reader(fd: int, frames: queue.Queue[bytes]) -> None:
+    def run() -> None:
+        try:
+            while (frame := read_frame(fd)) is not None:
+                frames.put(frame)
+        except OSError as exc:
+            log.error("reading requests failed: %s", exc)
+        # The VM closed our stdin (or died): nobody can read our answers any
+        # more, so end now rather than finish whatever the main thread runs.
+        os._exit(0)
+
+    threading.Thread(target=run, name="request-reader", daemon=True).start()
+
+
+# --------------------------------------------------------------------------- offline LM
+
+_OUTPUT_SECTION = re.compile(r"Your output fields are:\n(.*?)(?:\nAll interactions will be structured|\Z)", re.S)
+_OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.M)
+_INPUT_VALUE = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with |\Z)", re.S)
+
+
+class OfflineEngine:
+    """A ``dspy.LM`` engine (DSPy 3.4's ``complete(Request) -> Response``) that
+    answers any ChatAdapter prompt without a network.
+
+    ``dspy.utils.DummyLM`` answers only from a finite script (then just
+    ``{"answer": "No more responses"}``) and only the fields it names. This
+    engine reads the requested output fields and their types from the system
+    prompt, so it answers every signature, including ChainOfThought's
+    ``reasoning`` and ReAct's ``next_tool_name``/``next_tool_args``, forever.
+
+    Scripted ``answers`` are cycled; a call consumes one only when it asks for
+    at least one field the script knows, so ReAct's tool-selection turns do not
+    shift the answers meant for the final extraction. Fields the script lacks
+    get the deterministic default answer.
+    """
+
+    def __init__(self, answers: list[dict[str, Any]] | None = None) -> None:
+        self._answers = itertools.cycle(answers) if answers else None
+        self._scripted_fields = set().union(*answers) if answers else set()
+        self._lock = threading.Lock()  # dspy.Parallel may call from several threads
+
+    def complete(self, request: Any) -> Any:
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        system = request.system if isinstance(request.system, str) else \
+            "".join(getattr(p, "text", "") for p in request.system or ())
+        section = _OUTPUT_SECTION.search(system)
+        fields = _OUTPUT_FIELD.findall(section.group(1)) if section else []
+        if not fields:
+            raise ValueError("dummy LM: no output fields in the prompt (only ChatAdapter prompts are supported)")
+        user = next((m.text or "" for m in reversed(request.messages) if m.role == "user"), "")
+        inputs = _INPUT_VALUE.findall(user)
+        seed = inputs[0][1].strip()[:100] if inputs else ""
+
+        scripted: dict[str, Any] = {}
+        if self._answers and self._scripted_fields.intersection(name for name, _ in fields):
+            with self._lock:
+                scripted = next(self._answers)
+        parts = []
+        for name, type_name in fields:
+            value = scripted[name] if name in scripted else _default_answer(name, type_name, seed)
+            parts.append(f"[[ ## {name} ## ]]\n{value if isinstance(value, str) else json.dumps(value)}")
+        parts.append("[[ ## completed ## ]]")
+        return Response(id=None, model="dummy", message=Message.assistant([TextPart("\n\n".join(parts))]),
+                        finish_reason="stop", usage=Usage(input_tokens=0, output_tokens=0, total_tokens=0))
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+def _default_answer(name: str, type_name: str, seed: str) -> str:
+    text = f"{name}: dummy answer for {seed}" if seed else f"{name}: dummy answer"
+    if type_name.startswith("Literal["):
+        options = ast.literal_eval("(" + type_name[len("Literal["):-1] + ",)")
+        return "finish" if "finish" in options else str(options[0])  # ReAct: end the loop at once
+    if type_name.startswith("dict"):
+        return "{}"
+    if type_name.startswith("list"):
+        return json.dumps([text])
+    return {"int": "0", "float": "0.0", "bool": "true"}.get(type_name, text)
+
+
+def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
+    """configure_lm args -> (dspy LM, {"provider", "model"}); CommandError if invalid."""
+    if not isinstance(cfg, dict):
+        raise CommandError("LM config must be an object")
+    provider, model = cfg.get("provider"), cfg.get("model")
+    if provider is not None and not isinstance(provider, str):
+        raise CommandError("provider must be a string")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise CommandError("model must be a non-empty string")
+    provider = (provider or "").strip().lower()
+
+    if provider == "dummy":
+        answers = cfg.get("answers")
+        if answers is not None and not (
+                isinstance(answers, list) and answers and all(isinstance(a, dict) for a in answers)):
+            raise CommandError("answers must be a non-empty list of objects (field -> value)")
+        model = model or "dummy"
+        lm = dspy.LM(f"dummy/{model}", engine=OfflineEngine(answers), cache=False, num_retries=0)
+        return lm, {"provider": "dummy", "model": model}
+
+    if not model:
+        raise CommandError("model is required")
+    if not provider and "/" not in model:
+        provider = next((p for prefix, p in MODEL_NAME_PROVIDERS if model.startswith(prefix)), "")
+        if not provider:
+            raise CommandError(f"provider is required for model {model!r}")
+    if provider and provider not in PROVIDER_PREFIXES:
+        raise CommandError(f"Unknown provider: {provider} (supported: dummy, {', '.join(sorted(PROVIDER_PREFIXES))})")
+    qualified = model if "/" in model else f"{PROVIDER_PREFIXES[provider]}/{model}"
+
+    kwargs: dict[str, Any] = {k: cfg[k] for k in ("api_key", "api_base") if cfg.get(k)}
+    temperature, max_tokens = cfg.get("temperature"), cfg.get("max_tokens")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise CommandError("temperature must be a number")
+        kwargs["temperature"] = float(temperature)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise CommandError("max_tokens must be a positive integer")
+        kwargs["max_tokens"] = max_tokens
+    if "cache" in cfg:
+        kwargs["cache"] = bool(cfg["cache"])
+    if (retries := cfg.get("num_retries")) is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise CommandError("num_retries must be a non-negative integer")
+        kwargs["num_retries"] = retries
+    return dspy.LM(qualified, **kwargs), {"provider": provider or qualified.split("/", 1)[0], "model": model}
+
+
+# --------------------------------------------------------------------------- programs
+
+_BIN_OPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '(2 + 3) * 4 / 5'."""
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 100:
+                raise ValueError("exponent too large")
+            return _BIN_OPS[type(node.op)](left, right)
+        raise ValueError("only numbers and + - * / // % ** are allowed")
+
+    return str(ev(ast.parse(expression, mode="eval").body))
+
+
+# ReAct tools a program spec may name; code cannot travel over the wire.
+BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator}
+
+
+@dataclass
+class Program:
+    id: str
+    program_type: str
+    module: Any
+    spec: dict[str, Any]  # what create_program received, with "id": kept for info/restore
+    input_names: list[str]
+    created_at: float = field(default_factory=time.time)
+    executions: int = 0
+    last_executed: float | None = None
+
+
+def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, str, Any]]:
+    if not isinstance(raw, list):
+        raise CommandError(f"signature.{kind} must be a list of fields")
+    fields = []
+    for item in raw:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise CommandError(f"signature.{kind}: each field must be an object with a name")
+        name, desc, type_name = item.get("name"), item.get("description") or item.get("desc") or "", item.get("type")
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise CommandError(f"signature.{kind}: invalid field name {name!r} (need an identifier without a leading _)")
+        if name in reserved:
+            raise CommandError(f"signature.{kind}: field name {name!r} is reserved by this program type")
+        if name in PREDICT_KWARGS or hasattr(dspy.Signature, name):  # e.g. "instructions", "fields"
+            raise CommandError(f"signature.{kind}: field name {name!r} clashes with a DSPy name")
+        if not isinstance(desc, str):
+            raise CommandError(f"signature.{kind}: description of {name!r} must be a string")
+        py_type: Any = str
+        if type_name is not None:
+            py_type = FIELD_TYPES.get(str(type_name).strip().lower().replace(" ", ""))
+            if py_type is None:
+                raise CommandError(f"signature.{kind}: unsupported type {type_name!r} for {name!r} "
+                                   f"(supported: {', '.join(FIELD_TYPES)})")
+        fields.append((name, desc, py_type))
+    return fields
+
+
+def build_program(spec: dict[str, Any], program_id: str) -> Program:
+    """Validate a create_program spec and build its DSPy module."""
+    program_type = spec.get("program_type") or "predict"
+    if program_type not in PROGRAM_TYPES:
+        raise CommandError(f"Unknown program_type: {program_type!r} (supported: {', '.join(PROGRAM_TYPES)})")
+    sig = spec.get("signature")
+    if not isinstance(sig, dict):
+        raise CommandError("signature must be an object with inputs and outputs")
+    reserved = RESERVED_FIELDS[program_type]
+    inputs = _parse_fields(sig.get("inputs", []), "inputs", reserved)
+    outputs = _parse_fields(sig.get("outputs"), "outputs", reserved)
+    if not outputs:
+        raise CommandError("signature.outputs must name at least one field")
+    names = [name for name, _, _ in inputs + outputs]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise CommandError(f"signature: duplicate field names {dupes}")
+    instructions = sig.get("instructions") or sig.get("description")
+    if instructions is not None and not isinstance(instructions, str):
+        raise CommandError("signature.instructions must be a string")
+
+    tool_names = spec.get("tools") or []
+    if not isinstance(tool_names, list) or not all(isinstance(t, str) for t in tool_names):
+        raise CommandError("tools must be a list of tool names")
+    if tool_names and program_type != "react":
+        raise CommandError("tools are only supported by react programs")
+    if unknown := [t for t in tool_names if t not in BUILTIN_TOOLS]:
+        raise CommandError(f"Unknown tools: {unknown} (available: {', '.join(BUILTIN_TOOLS)})")
+
+    signature = dspy.make_signature(
+        {**{n: (t, dspy.InputField(desc=d)) for n, d, t in inputs},
+         **{n: (t, dspy.OutputField(desc=d)) for n, d, t in outputs}},
+        instructions or None)
+    if program_type == "predict":
+        module = dspy.Predict(signature)
+    elif program_type == "chain_of_thought":
+        module = dspy.ChainOfThought(signature)
+    else:  # ReAct always adds its own "finish" tool, so an empty list is valid
+        module = dspy.ReAct(signature, tools=[BUILTIN_TOOLS[t] for t in tool_names])
+    return Program(id=program_id, program_type=program_type, module=module,
+                   spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs])
+
+
+@dataclass
+class Session:
+    programs: dict[str, Program] = field(default_factory=dict)
+    lm: Any = None
+    lm_info: dict[str, str] | None = None
+
+
+# --------------------------------------------------------------------------- bridge
+
+class Bridge:
+    def __init__(self, mode: str, worker_id: str | None, started: float | None = None) -> None:
+        self.mode, self.worker_id = mode, worker_id
+        self.started = time.monotonic() if started is None else started
+        self.sessions: dict[str, Session] = {}
+        self.global_lm_info: dict[str, str] | None = None
+        self.shutdown_requested = False
+        self._program_counter = 0
+        self._reset_counters()
+        self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "ping": self.ping, "configure_lm": self.configure_lm,
+            "create_program": self.create_program, "execute_program": self.execute_program,
+            "list_programs": self.list_programs, "delete_program": self.delete_program,
+            "get_program_info": self.get_program_info, "get_stats": self.get_stats,
+            "cleanup": self.cleanup, "reset_state": self.reset_state,
+            "cleanup_session": self.cleanup_session, "restore_session": self.restore_session,
+            "shutdown": self.shutdown,
+        }
+
+    def _reset_counters(self) -> None:
+        self.command_counts: dict[str, int] = {}
+        self.executions = 0
+        self.errors = 0
+
+    # -- request handling
+
+    def handle_frame(self, body: bytes) -> dict[str, Any]:
+        try:
+            request = decode(body)
+        except ValueError as exc:
+            self.errors += 1
+            return {"id": 0, "success": False, "error": f"invalid request: body is not JSON ({exc})"}
+        request_id = request.get("id") if isinstance(request, dict) else None
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            self.errors += 1
+            return {"id": 0, "success": False, "error": "invalid request: expected an object with an integer id"}
+        command, args = request.get("command"), request.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(command, str) or not isinstance(args, dict):
+            self.errors += 1
+            return {"id": request_id, "success": False,
+                    "error": "invalid request: command must be a string and args an object"}
+        try:
+            handler = self.handlers.get(command)
+            if handler is None:
+                raise CommandError(f"Unknown command: {command}")
+            self.command_counts[command] = self.command_counts.get(command, 0) + 1
+            return {"id": request_id, "success": True, "result": handler(args)}
+        except CommandError as exc:
+            self.errors += 1
+            log.debug("%s failed: %s", command, exc)
+            return {"id": request_id, "success": False, "error": str(exc)}
+        except Exception as exc:  # DSPy/LiteLLM errors: report, keep serving
+            self.errors += 1
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s failed: %s", command, error.splitlines()[0],
+                        exc_info=log.isEnabledFor(logging.DEBUG))  # tracebacks only at DEBUG
+            return {"id": request_id, "success": False, "error": error}
+
+    def _namespace(self, args: dict[str, Any]) -> str:
+        if self.mode != "pool-worker":
+            return STANDALONE_NAMESPACE
+        session_id = args.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise CommandError("session_id is required in pool-worker mode")
+        return session_id
+
+    def _program(self, args: dict[str, Any]) -> tuple[Session, Program]:
+        namespace, program_id = self._namespace(args), args.get("program_id")
+        if not isinstance(program_id, str) or not program_id:
+            raise CommandError("program_id is required")
+        session = self.sessions.get(namespace)
+        if session is None or program_id not in session.programs:
+            raise CommandError(f"Program not found: {program_id}")
+        return session, session.programs[program_id]
+
+    # -- commands
+
+    def ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "ok", "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
+                "dspy_version": dspy.__version__, "timestamp": time.time()}
+
+    def configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
+        lm, info = build_lm(args)
+        session_id = args.get("session_id")
+        if self.mode == "pool-worker" and isinstance(session_id, str) and session_id:
+            session = self.sessions.setdefault(session_id, Session())
+            session.lm, session.lm_info = lm, info
+            scope = "session"
+        else:
+            dspy.configure(lm=lm)  # main thread only: DSPy ties configure() to one thread
+            self.global_lm_info, scope = info, "global"
+        # "status" is what DSPex's PythonPoolV2.configure_lm matches on.
+        return {"configured": True, "status": "configured", **info, "scope": scope}
+
+    def create_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        namespace = self._namespace(args)
+        session = self.sessions.get(namespace) or Session()
+        program_id = args.get("id")
+        if program_id is None or program_id == "":
+            # Skip ids already taken: a restored session may hold another worker's ids.
+            while (program_id := f"program_{self._program_counter + 1}") in session.programs:
+                self._program_counter += 1
+            self._program_counter += 1
+        elif not isinstance(program_id, str):
+            raise CommandError("id must be a string")
+        elif program_id in session.programs:
+            raise CommandError(f"Program already exists: {program_id}")
+        spec = {k: v for k, v in args.items() if k != "session_id"}
+        program = build_program(spec, program_id)
+        session.programs[program_id] = program
+        self.sessions[namespace] = session  # only now: a failed create leaves no empty session
+        return {"program_id": program_id, "status": "created", "signature": spec.get("signature"),
+                "program_type": program.program_type, "created_at": program.created_at}
+
+    def execute_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        session, program = self._program(args)
+        inputs = args.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise CommandError("inputs must be an object")
+        if missing := [n for n in program.input_names if n not in inputs]:
+            raise CommandError(f"Missing required inputs for {program.id}: {', '.join(missing)}")
+        lm = session.lm
+        if lm is None and dspy.settings.lm is None:
+            raise CommandError("No LM is configured: call configure_lm first (globally or for this session)")
+        kwargs = {n: inputs[n] for n in program.input_names}  # extra keys are ignored
+        started = time.perf_counter()
+        if lm is not None:
+            with dspy.context(lm=lm):
+                prediction = program.module(**kwargs)
+        else:
+            prediction = program.module(**kwargs)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        program.executions += 1
+        program.last_executed = time.time()
+        self.executions += 1
+        return {"program_id": program.id, "outputs": to_jsonable(dict(prediction.items())),
+                "execution_time_ms": round(elapsed_ms, 3)}
+
+    def list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
+        session = self.sessions.get(self._namespace(args)) or Session()
+        # "id" next to "program_id": DSPex adapters accept either.
+        programs = [{"program_id": p.id, "id": p.id, "program_type": p.program_type,
+                     "created_at": p.created_at, "executions": p.executions}
+                    for p in session.programs.values()]
+        return {"programs": programs, "total_count": len(programs)}
+
+    def delete_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        session, program = self._program(args)
+        del session.programs[program.id]
+        return {"program_id": program.id, "status": "deleted"}
+
+    def get_program_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        _, p = self._program(args)
+        info = {"program_id": p.id, "program_type": p.program_type, "signature": p.spec.get("signature"),
+                "tools": p.spec.get("tools") or [], "spec": p.spec, "created_at": p.created_at,
+                "executions": p.executions, "execution_count": p.executions, "last_executed": p.last_executed}
+        if self.mode == "pool-worker":
+            info["session_id"] = args["session_id"]
+        return info
+
+    def get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
+            "dspy_version": dspy.__version__, "uptime_s": round(time.monotonic() - self.started, 3),
+            "rss_bytes": rss_bytes(), "sessions": len(self.sessions),
+            "programs": sum(len(s.programs) for s in self.sessions.values()),
+            "commands": dict(self.command_counts), "total_commands": sum(self.command_counts.values()),
+            "executions": self.executions, "errors": self.errors,
+            "lm_configured": dspy.settings.lm is not None, "lm": self.global_lm_info,
+            "session_lms": sum(1 for s in self.sessions.values() if s.lm is not None),
+        }
+        session_id = args.get("session_id")
+        if self.mode == "pool-worker" and isinstance(session_id, str) and session_id:
+            session = self.sessions.get(session_id) or Session()
+            stats["session"] = {"session_id": session_id, "programs": len(session.programs),
+                                "executions": sum(p.executions for p in session.programs.values()),
+                                "lm": session.lm_info}
+        return stats
+
+    def cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        removed = sum(len(s.programs) for s in self.sessions.values())
+        for session in self.sessions.values():
+            session.programs.clear()
+        return {"status": "cleaned", "programs_removed": removed}
+
+    def reset_state(self, args: dict[str, Any]) -> dict[str, Any]:
+        programs = sum(len(s.programs) for s in self.sessions.values())
+        sessions = len(self.sessions)
+        self.sessions.clear()
+        dspy.configure(lm=None)
+        self.global_lm_info = None
+        self._reset_counters()
+        return {"status": "reset", "programs_cleared": programs, "sessions_cleared": sessions}
+
+    def cleanup_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        namespace = self._namespace(args)
+        if self.mode != "pool-worker":  # never wipe the one global namespace by accident
+            return {"status": "not_applicable", "session_id": args.get("session_id"), "programs_removed": 0}
+        session = self.sessions.pop(namespace, None)
+        # Idempotent: the pool sends this to every worker when a session ends.
+        return {"status": "cleaned" if session else "not_found", "session_id": args.get("session_id"),
+                "programs_removed": len(session.programs) if session else 0}
+
+    def restore_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        namespace = self._namespace(args)
+        specs, lm_cfg = args.get("programs") or [], args.get("lm")
+        if not isinstance(specs, list):
+            raise CommandError("programs must be a list of program specs")
+        # Build everything before touching the session: a bad spec leaves it as it was.
+        restored = Session()
+        for spec in specs:
+            if not isinstance(spec, dict) or not isinstance(spec.get("id"), str) or not spec["id"]:
+                raise CommandError("restore_session: every program spec needs a string id")
+            if spec["id"] in restored.programs:
+                raise CommandError(f"restore_session: duplicate program id {spec['id']}")
+            spec = {k: v for k, v in spec.items() if k != "session_id"}
+            restored.programs[spec["id"]] = build_program(spec, spec["id"])
+        if lm_cfg is not None:
+            restored.lm, restored.lm_info = build_lm(lm_cfg)
+        if self.mode == "pool-worker":
+            self.sessions[namespace] = restored
+        else:  # standalone has no session LMs: the LM, if any, becomes the global one
+            self.sessions[namespace] = Session(programs=restored.programs)
+            if restored.lm is not None:
+                dspy.configure(lm=restored.lm)
+                self.global_lm_info = restored.lm_info
+        return {"session_id": args.get("session_id"), "programs": len(restored.programs),
+                "lm_configured": restored.lm is not None}
+
+    def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.shutdown_requested = True  # main loop exits after the reply is written
+        return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode}
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="DSPy worker for dspex_native_pool")
+    parser.add_argument("--mode", choices=["standalone", "pool-worker"], default="standalone")
+    parser.add_argument("--worker-id", default=None)
+    opts = parser.parse_args(argv)
+
+    started = time.monotonic()
+    request_fd, response_fd = claim_stdio()
+    level = os.environ.get("DSPY_BRIDGE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s",
+                        level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO")
+    logging.captureWarnings(True)  # warnings become "WARNING py.warnings: ..." lines
+    if opts.mode == "pool-worker":
+        # Ctrl-C in the VM's terminal reaches our process group too; the pool
+        # ends workers through stdin EOF, shutdown or SIGTERM instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    frames: queue.Queue[bytes] = queue.Queue()
+    start_reader(request_fd, frames)  # before the import: EOF during it still ends us
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
+    os.environ.setdefault("DSPY_CACHEDIR", os.path.join(tempfile.gettempdir(), f"dspex_dspy_cache_{os.getuid()}"))
+    global dspy
+    import dspy
+
+    # DSPy logs through its own dated handler; route it through ours so every
+    # stderr line starts with its level, which the pool maps to Logger levels.
+    dspy_logger = logging.getLogger("dspy")
+    for handler in list(dspy_logger.handlers):
+        dspy_logger.removeHandler(handler)
+    dspy_logger.propagate = True
+    for noisy in ("LiteLLM", "httpx"):  # one INFO line per LM call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # DSPy keeps every call in histories (global, per LM, per module) and in a
+    # global trace, up to 10,000 entries each, with the full prompts and inputs;
+    # the trace even keeps deleted programs alive. A worker never reads them
+    # (no optimizers here), so they would only grow its memory for hours.
+    # This also makes the main thread DSPy's config owner.
+    dspy.configure(disable_history=True, max_trace_size=0)
+
+    bridge = Bridge(opts.mode, opts.worker_id, started)
+    log.info("worker %s ready (mode %s, dspy %s, pid %d, %.2fs)", opts.worker_id or "-", opts.mode,
+             dspy.__version__, os.getpid(), time.monotonic() - started)
+
+    while True:
+        response = bridge.handle_frame(frames.get())
+        try:
+            body = encode(response)
+        except (TypeError, ValueError) as exc:
+            body = encode({"id": response.get("id", 0), "success": False,
+                           "error": f"result could not be encoded as JSON: {exc}"})
+        try:
+            write_frame(response_fd, body)
+        except BrokenPipeError:
+            os._exit(0)  # the reader of our replies is gone
+        if bridge.shutdown_requested:
+            logging.shutdown()
+            os._exit(0)  # skip interpreter teardown: library threads must not keep us alive
+
+
+if __name__ == "__main__":
+    main()

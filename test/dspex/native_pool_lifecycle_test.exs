@@ -1,0 +1,171 @@
+defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
+  # Not async: counts global resources and OS processes.
+  use DSPex.NativePool.PoolCase, async: false
+
+  require Logger
+
+  test "no lease resource leaks after calls, crashes, dropped checkouts and dead holders" do
+    opts = start_pool(pool_size: 2)
+
+    for _ <- 1..50, do: {:ok, _} = NativePool.execute_anonymous(:ping, %{}, opts)
+    {:error, _} = NativePool.execute_anonymous(:exit, %{code: 1}, opts)
+    {:error, _} = NativePool.execute_anonymous(:fail, %{message: "x"}, opts)
+
+    {:error, {:timeout, _}} =
+      NativePool.execute_anonymous(:sleep, %{ms: 1000}, [timeout: 20] ++ opts)
+
+    # A checkout dropped by a process that then exits, and one dropped without checkin.
+    {:ok, _} = Task.await(Task.async(fn -> NativePool.checkout(:anonymous, opts) end))
+    (fn -> {:ok, _dropped} = NativePool.checkout(:anonymous, opts) end).()
+
+    eventually(fn ->
+      :erlang.garbage_collect()
+      Native.live_leases() == 0
+    end)
+
+    eventually(fn -> status(opts).ready == 2 end)
+  end
+
+  test "worker stderr reaches Logger with the worker id as metadata" do
+    opts = start_pool(pool_size: 1)
+    test = self()
+    handler = :"stderr_handler_#{System.unique_integer([:positive])}"
+
+    :ok =
+      :logger.add_handler(handler, __MODULE__.Handler, %{
+        config: %{pid: test},
+        level: :all
+      })
+
+    on_exit(fn -> :logger.remove_handler(handler) end)
+    {:ok, _} = NativePool.execute_anonymous(:stderr, %{line: "WARNING hello from python"}, opts)
+
+    assert_receive {:logged, :warning, "WARNING hello from python", %{worker_id: id}}, 2_000
+    assert is_integer(id)
+  end
+
+  defmodule Handler do
+    @moduledoc false
+    def log(%{level: level, msg: msg, meta: meta}, %{config: %{pid: pid}}) do
+      text =
+        case msg do
+          {:string, s} -> IO.chardata_to_string(s)
+          {:report, r} -> inspect(r)
+          {format, args} -> :io_lib.format(format, args) |> IO.chardata_to_string()
+        end
+
+      send(pid, {:logged, level, text, meta})
+    end
+  end
+
+  test "an eager pool whose python does not exist fails to start, saying why" do
+    Process.flag(:trap_exit, true)
+
+    assert {:error, {:worker_start_failed, msg}} =
+             NativePool.start_link(
+               name: :bad_python,
+               pool_size: 2,
+               lazy: false,
+               python: "/nonexistent/python3",
+               script: test_worker()
+             )
+
+    assert msg =~ "could not start /nonexistent/python3: No such file or directory"
+  end
+
+  test "an eager pool whose script raises on import fails to start with the traceback" do
+    Process.flag(:trap_exit, true)
+
+    assert {:error, {:worker_start_failed, msg}} =
+             NativePool.start_link(
+               name: :bad_script,
+               pool_size: 1,
+               lazy: false,
+               script: test_worker(),
+               env: [{"TEST_WORKER_FAIL_ON_START", "1"}]
+             )
+
+    assert msg =~ "exited during start-up (exit status 1)"
+    assert msg =~ "RuntimeError"
+  end
+
+  test "options are validated up front" do
+    assert_raise ArgumentError, ~r/unknown keys \[:pool_sise\]/, fn ->
+      NativePool.start_link(pool_sise: 2)
+    end
+
+    assert_raise ArgumentError, ~r/expected :pool_size to be a positive integer, got: 0/, fn ->
+      NativePool.start_link(pool_size: 0)
+    end
+
+    assert_raise ArgumentError, ~r/:affinity to be :prefer or :strict, got: :sometimes/, fn ->
+      NativePool.start_link(affinity: :sometimes)
+    end
+
+    assert_raise ArgumentError, ~r/no DSPex.PythonBridge.NativePool named :nope/, fn ->
+      NativePool.execute_anonymous(:ping, %{}, pool: :nope)
+    end
+  end
+
+  test "two named pools run side by side; stopping one stops its workers" do
+    a = start_pool(pool_size: 1)
+    b = start_pool(pool_size: 1)
+    [pid_a] = status(a).worker_pids
+    [pid_b] = status(b).worker_pids
+    assert {:ok, %{"pid" => ^pid_a}} = NativePool.execute_anonymous(:ping, %{}, a)
+    assert {:ok, %{"pid" => ^pid_b}} = NativePool.execute_anonymous(:ping, %{}, b)
+
+    :ok = stop_supervised(a[:pool])
+    refute alive?(pid_a)
+    assert alive?(pid_b)
+  end
+
+  test "child_spec is a supervisor spec like SessionPoolV2's" do
+    assert %{type: :supervisor, shutdown: 10_000, start: {NativePool, :start_link, [[]]}} =
+             NativePool.child_spec([])
+  end
+
+  @tag timeout: 60_000
+  test "a BEAM killed with SIGKILL leaves no Python worker behind" do
+    ebin = :code.lib_dir(:dspex_native_pool) |> Path.join("ebin")
+
+    script = """
+    {:ok, _} = DSPex.PythonBridge.NativePool.start_link(pool_size: 3, lazy: false, script: #{inspect(test_worker())})
+    pids = DSPex.PythonBridge.NativePool.get_pool_status().worker_pids
+    IO.puts("READY \#{System.pid()} " <> Enum.join(pids, ","))
+    Process.sleep(:infinity)
+    """
+
+    port =
+      Port.open({:spawn_executable, System.find_executable("elixir")}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["-pa", ebin, "-e", script]
+      ])
+
+    {beam, workers} = await_ready(port)
+    assert length(workers) == 3
+    assert Enum.all?(workers, &alive?/1)
+
+    System.cmd("kill", ["-9", beam])
+    assert_receive {^port, {:exit_status, _}}, 10_000
+    eventually(fn -> Enum.all?(workers, &(not alive?(&1))) end)
+  end
+
+  defp await_ready(port) do
+    receive do
+      {^port, {:data, {:eol, "READY " <> rest}}} ->
+        [beam, pids] = String.split(rest, " ")
+        {beam, pids |> String.split(",") |> Enum.map(&String.to_integer/1)}
+
+      {^port, {:data, _other}} ->
+        await_ready(port)
+
+      {^port, {:exit_status, status}} ->
+        flunk("the child VM exited with #{status}")
+    after
+      30_000 -> flunk("the child VM did not start its pool")
+    end
+  end
+end
