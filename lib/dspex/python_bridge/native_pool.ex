@@ -119,7 +119,9 @@ defmodule DSPex.PythonBridge.NativePool do
   Runs `command` with `args` (a map) in session `session_id`; `args` gets `:session_id` added.
 
   Options: `:pool` (name), `:pool_timeout` (wait for a worker, ms), `:timeout` (wait for the
-  reply, ms), `:affinity` (`:prefer` | `:strict`).
+  reply, ms), `:affinity` (`:prefer` | `:strict`), `:retries` (how many times to run the
+  request again, on another worker, when its worker died mid-request; default 0: only for
+  commands that are safe to repeat, such as `execute_program`).
   """
   @spec execute_in_session(session_id(), atom() | String.t(), map(), keyword()) ::
           {:ok, term()} | {:error, reason()}
@@ -148,19 +150,33 @@ defmodule DSPex.PythonBridge.NativePool do
   defp run(pool, mode, command, args, opts) do
     pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
     timeout = Keyword.get(opts, :timeout, pool.operation_timeout)
+    retries = Keyword.get(opts, :retries, 0)
+    run(pool, mode, command, args, pool_timeout, timeout, retries)
+  end
+
+  defp run(pool, mode, command, args, pool_timeout, timeout, retries) do
     ref = make_ref()
 
-    case Native.execute(pool.resource, ref, mode, command, args, pool_timeout, timeout) do
-      :ok ->
-        receive do
-          {^ref, reply} -> reply
-        after
-          pool_timeout + timeout + @reply_margin ->
-            {:error, {:timeout, "no reply within #{pool_timeout + timeout} ms"}}
-        end
+    reply =
+      case Native.execute(pool.resource, ref, mode, command, args, pool_timeout, timeout) do
+        :ok ->
+          receive do
+            {^ref, reply} -> reply
+          after
+            pool_timeout + timeout + @reply_margin ->
+              {:error, {:timeout, "no reply within #{pool_timeout + timeout} ms"}}
+          end
 
-      {:error, _} = error ->
-        error
+        {:error, _} = error ->
+          error
+      end
+
+    case reply do
+      {:error, {:worker_exited, _}} when retries > 0 ->
+        run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
+
+      reply ->
+        reply
     end
   end
 

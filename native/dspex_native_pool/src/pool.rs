@@ -794,15 +794,24 @@ impl Shared {
         w.status = Status::Idle;
         w.idle_since = Instant::now();
         let now = Instant::now();
+        let preference = |l: &LeaseId| match st.leases.get(l).map(|e| &e.state) {
+            Some(LeaseState::Queued { prefer, .. }) => *prefer,
+            _ => None,
+        };
+        // A waiter whose session lives on this worker goes first if it is near the head of the
+        // queue (a bounded look-ahead keeps the queue fair); otherwise FIFO among waiters that
+        // accept any worker.
+        let lookahead = 2 * self.config.pool_size.max(1);
         let pick = st
             .queue
             .iter()
-            .position(|l| match st.leases.get(l).map(|e| &e.state) {
-                Some(LeaseState::Queued {
-                    prefer: Some((home, until)),
-                    ..
-                }) => *home == wid || *until <= now,
-                _ => true,
+            .take(lookahead)
+            .position(|l| matches!(preference(l), Some((home, _)) if home == wid))
+            .or_else(|| {
+                st.queue.iter().position(|l| match preference(l) {
+                    Some((home, until)) => home == wid || until <= now,
+                    None => true,
+                })
             });
         if let Some(pos) = pick {
             let lease = st.queue.remove(pos).unwrap();
