@@ -219,6 +219,9 @@ struct State {
     last_start_error: Option<String>,
     closed: bool,
     stopped_notified: bool,
+    /// The earliest moment a queued lease's pool timeout or affinity wait runs out: the tick
+    /// scans the queue only then, so 10,000 waiters cost nothing per tick.
+    queue_check_at: Option<Instant>,
     counters: Counters,
 }
 
@@ -277,6 +280,7 @@ impl Pool {
                 last_start_error: None,
                 closed: false,
                 stopped_notified: false,
+                queue_check_at: None,
                 counters: Counters::default(),
             }),
             next_id: AtomicU64::new(1),
@@ -539,6 +543,9 @@ impl Shared {
             }
             None => {
                 st.queue.push_back(lease);
+                let until = prefer.map(|(_, until)| until);
+                let due = until.map_or(now + pool_timeout, |u| u.min(now + pool_timeout));
+                st.queue_check_at = Some(st.queue_check_at.map_or(due, |t| t.min(due)));
                 self.grow(st, fx);
                 Ok(Acquired::Queued(lease))
             }
@@ -1053,7 +1060,7 @@ impl Shared {
                     let queued: Vec<LeaseId> = st.queue.drain(..).collect();
                     for lease in queued {
                         self.fail_request(&mut st, lease, err.clone(), &mut fx);
-                        st.leases.remove(&lease);
+                        self.end_lease(&mut st, lease, &mut fx);
                     }
                 }
             }
@@ -1084,15 +1091,24 @@ impl Shared {
     }
 
     fn on_frame(&self, wid: WorkerId, body: Bytes) {
+        // Parse before locking: a large reply must not hold up callers (BEAM schedulers among
+        // them) that wait for the lock.
+        let decoded = protocol::decode_response(&body);
         let mut fx = Effects::default();
         {
             let mut st = self.lock();
-            self.handle_frame(&mut st, wid, &body, &mut fx);
+            self.handle_frame(&mut st, wid, decoded, &mut fx);
         }
         self.perform(fx);
     }
 
-    fn handle_frame(&self, st: &mut State, wid: WorkerId, body: &[u8], fx: &mut Effects) {
+    fn handle_frame(
+        &self,
+        st: &mut State,
+        wid: WorkerId,
+        decoded: Result<protocol::Response, PoolError>,
+        fx: &mut Effects,
+    ) {
         let Some(w) = st.workers.get_mut(&wid) else {
             return;
         };
@@ -1102,7 +1118,7 @@ impl Shared {
         let Some(expected) = w.inflight.front().map(|p| p.id) else {
             return self.recycle(st, wid, "it wrote a frame nobody asked for", fx);
         };
-        let response = match protocol::decode_response(body) {
+        let response = match decoded {
             Ok(r) if r.id == expected => r,
             Ok(_) => {
                 return self.kill_worker(
@@ -1307,29 +1323,8 @@ impl Shared {
         let done = {
             let mut st = self.lock();
             let now = Instant::now();
-            // Waiters past their pool_timeout.
-            let expired: Vec<(LeaseId, Duration)> = st
-                .queue
-                .iter()
-                .filter_map(|l| match st.leases.get(l).map(|e| &e.state) {
-                    Some(LeaseState::Queued {
-                        deadline,
-                        pool_timeout,
-                        ..
-                    }) if *deadline <= now => Some((*l, *pool_timeout)),
-                    _ => None,
-                })
-                .collect();
-            for (lease, waited) in expired {
-                st.queue.retain(|l| *l != lease);
-                st.counters.pool_timeouts += 1;
-                self.fail_request(
-                    &mut st,
-                    lease,
-                    PoolError::PoolTimeout(waited.as_millis() as u64),
-                    &mut fx,
-                );
-                st.leases.remove(&lease);
+            if st.queue_check_at.is_some_and(|t| t <= now) {
+                self.expire_queue(&mut st, now, &mut fx);
             }
             // Requests and start-ups past their deadline.
             let late: Vec<(WorkerId, Status, Duration)> = st
@@ -1365,21 +1360,6 @@ impl Shared {
                     );
                 }
             }
-            // Session waiters whose affinity wait is over may take any idle worker.
-            while let Some(pos) = st.queue.iter().position(|l| {
-                matches!(
-                    st.leases.get(l).map(|e| &e.state),
-                    Some(LeaseState::Queued { prefer: Some((_, until)), .. }) if *until <= now
-                )
-            }) {
-                match self.pick_idle(&st) {
-                    Some(wid) => {
-                        let lease = st.queue.remove(pos).unwrap();
-                        self.assign(&mut st, lease, wid, true, &mut fx);
-                    }
-                    None => break,
-                }
-            }
             // Overflow workers idle for too long retire.
             let retire: Vec<WorkerId> = st
                 .workers
@@ -1398,6 +1378,62 @@ impl Shared {
         };
         self.perform(fx);
         done
+    }
+
+    /// Fails waiters past their pool timeout, lets waiters whose affinity wait ran out take an
+    /// idle worker, and computes when the queue next needs a look.
+    fn expire_queue(&self, st: &mut State, now: Instant, fx: &mut Effects) {
+        let expired: Vec<(LeaseId, Duration)> = st
+            .queue
+            .iter()
+            .filter_map(|l| match st.leases.get(l).map(|e| &e.state) {
+                Some(LeaseState::Queued {
+                    deadline,
+                    pool_timeout,
+                    ..
+                }) if *deadline <= now => Some((*l, *pool_timeout)),
+                _ => None,
+            })
+            .collect();
+        for (lease, waited) in expired {
+            st.queue.retain(|l| *l != lease);
+            st.counters.pool_timeouts += 1;
+            self.fail_request(
+                st,
+                lease,
+                PoolError::PoolTimeout(waited.as_millis() as u64),
+                fx,
+            );
+            self.end_lease(st, lease, fx);
+        }
+        while let Some(wid) = self.pick_idle(st) {
+            let ready = st.queue.iter().position(|l| {
+                matches!(
+                    st.leases.get(l).map(|e| &e.state),
+                    Some(LeaseState::Queued { prefer: Some((_, until)), .. }) if *until <= now
+                )
+            });
+            match ready {
+                Some(pos) => {
+                    let lease = st.queue.remove(pos).unwrap();
+                    self.assign(st, lease, wid, true, fx);
+                }
+                None => break,
+            }
+        }
+        st.queue_check_at = st
+            .queue
+            .iter()
+            .filter_map(|l| match st.leases.get(l).map(|e| &e.state) {
+                Some(LeaseState::Queued {
+                    deadline, prefer, ..
+                }) => {
+                    let until = prefer.map(|(_, u)| u).filter(|u| *u > now);
+                    Some(until.map_or(*deadline, |u| u.min(*deadline)))
+                }
+                _ => None,
+            })
+            .min();
     }
 
     fn shutdown_worker(&self, st: &mut State, wid: WorkerId, fx: &mut Effects) {
@@ -1440,7 +1476,7 @@ impl Shared {
                     PoolError::CheckoutFailed("the pool is stopping".into()),
                     &mut fx,
                 );
-                st.leases.remove(&lease);
+                self.end_lease(&mut st, lease, &mut fx);
             }
             let ids: Vec<WorkerId> = st.workers.keys().copied().collect();
             for wid in ids {

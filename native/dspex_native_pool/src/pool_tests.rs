@@ -487,3 +487,76 @@ fn stop_fails_waiters_and_shuts_workers_down() {
         }
     })
 }
+
+#[test]
+fn a_session_waits_briefly_for_its_busy_home_then_moves() {
+    run(async {
+        let cfg = PoolConfig {
+            affinity_wait: Duration::from_millis(30),
+            ..config(2)
+        };
+        let h = Harness::start(cfg).await;
+        let s = session("s");
+        let args = json!({"session_id": "s", "id": "p"});
+        h.execute(s.clone(), "create_program", args, 1000)
+            .await
+            .unwrap();
+        // The most recently used worker is the session's home: hold it.
+        let (held, _) = h.checkout(5000);
+        let Ok(Acquired::Now(held)) = held else {
+            panic!()
+        };
+        let run_args = json!({"session_id": "s", "program_id": "p"});
+        let moved = h
+            .execute(s, "execute_program", run_args, 1000)
+            .await
+            .unwrap();
+        let status = h.pool.status();
+        assert_eq!(
+            status.counters.restores, 1,
+            "re-created on the other worker: {moved}"
+        );
+        h.pool.release(held);
+    })
+}
+
+#[test]
+fn a_strict_session_waits_for_its_own_worker() {
+    run(async {
+        let cfg = PoolConfig {
+            affinity_wait: Duration::ZERO,
+            ..config(2)
+        };
+        let h = Harness::start(cfg).await;
+        let s = Mode::Session {
+            id: "s".into(),
+            strict: true,
+        };
+        let args = json!({"session_id": "s", "id": "p"});
+        h.execute(s.clone(), "create_program", args, 1000)
+            .await
+            .unwrap();
+        let (held, _) = h.checkout(5000);
+        let Ok(Acquired::Now(held)) = held else {
+            panic!()
+        };
+        let (reply, rx) = fake::sink();
+        let req = Request {
+            command: "execute_program".into(),
+            args: br#"{"session_id":"s","program_id":"p"}"#.to_vec(),
+            timeout: Duration::from_secs(1),
+        };
+        let id = h.pool.new_lease_id();
+        let r = h
+            .pool
+            .acquire(id, s, Some(req), reply, Duration::from_secs(5), None);
+        assert_eq!(
+            r,
+            Ok(Acquired::Queued(id)),
+            "the other worker is idle, but not the session's"
+        );
+        h.pool.release(held);
+        assert!(fake::reply(rx.await.unwrap()).is_ok());
+        assert_eq!(h.pool.status().counters.restores, 0);
+    })
+}
