@@ -172,7 +172,8 @@ defmodule DSPex.NativePool.Server do
       checkout_timeout: opts[:checkout_timeout],
       operation_timeout: opts[:operation_timeout],
       affinity: opts[:affinity],
-      started_at: System.monotonic_time(:millisecond)
+      started_at: System.monotonic_time(:millisecond),
+      telemetry?: Code.ensure_loaded?(:telemetry)
     }
 
     state = %{pool: pool, shutdown_grace: opts[:shutdown_grace]}

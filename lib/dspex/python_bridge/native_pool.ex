@@ -72,7 +72,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
   use Supervisor
 
-  alias DSPex.NativePool.{Checkout, Native, Server}
+  alias DSPex.NativePool.{Checkout, Native, Server, Telemetry}
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
@@ -151,7 +151,11 @@ defmodule DSPex.PythonBridge.NativePool do
     pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
     timeout = Keyword.get(opts, :timeout, pool.operation_timeout)
     retries = Keyword.get(opts, :retries, 0)
-    run(pool, mode, command, args, pool_timeout, timeout, retries)
+    meta = %{pool: pool.name, command: command, mode: mode}
+
+    Telemetry.span(pool.telemetry?, :call, meta, fn ->
+      run(pool, mode, command, args, pool_timeout, timeout, retries)
+    end)
   end
 
   defp run(pool, mode, command, args, pool_timeout, timeout, retries) do
@@ -219,6 +223,12 @@ defmodule DSPex.PythonBridge.NativePool do
           {session_mode(pool, id, opts), id}
       end
 
+    Telemetry.span(pool.telemetry?, :checkout, %{pool: pool.name, mode: native_mode}, fn ->
+      wait_checkout(pool, native_mode, session_id, pool_timeout)
+    end)
+  end
+
+  defp wait_checkout(pool, native_mode, session_id, pool_timeout) do
     ref = make_ref()
     checkout = &%Checkout{lease: &1, pool: pool, session_id: session_id}
 
