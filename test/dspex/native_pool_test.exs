@@ -300,9 +300,16 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       assert Enum.all?(status.worker_pids, &alive?/1)
     end
 
-    test "health_check pings a worker" do
-      opts = start_pool(pool_size: 1)
+    test "health_check pings every free worker" do
+      opts = start_pool(pool_size: 3)
       assert {:ok, :healthy} = NativePool.health_check(opts)
+
+      # Three checkouts at once hold three different workers.
+      checkouts = for _ <- 1..3, do: elem(NativePool.checkout(:anonymous, opts), 1)
+      calls = for c <- checkouts, do: elem(NativePool.call(c, :stats, %{}), 1)["calls"]
+      Enum.each(checkouts, &NativePool.checkin/1)
+      # Each: the start-up ping, one health ping, and this `stats`.
+      assert calls == [3, 3, 3]
     end
 
     test "a lazy pool whose python cannot start reports why, and fails fast" do

@@ -367,18 +367,30 @@ defmodule DSPex.PythonBridge.NativePool do
   end
 
   @doc """
-  Pings a worker through the pool and checks that workers can start.
-  Returns `{:ok, :healthy}` or `{:error, reason}`.
-  """
-  @spec health_check(keyword()) :: {:ok, :healthy} | {:error, reason()}
-  def health_check(opts \\ []) do
-    case execute_anonymous(:ping, %{}, Keyword.put_new(opts, :timeout, 5_000)) do
-      {:ok, _} ->
-        {:ok, :healthy}
+  Pings every worker that is free (each on its own checkout, concurrently; at least one, waiting
+  for it if all are busy) and checks that workers can start.
 
-      {:error, reason} ->
-        {:error, {:unhealthy, reason}}
-    end
+  Returns `{:ok, :healthy}` or `{:error, {:unhealthy, reason}}`, where `reason` is the first
+  failure (for example `{:checkout_failed, "no worker could be started: ..."}`).
+  Options: `:pool`, `:timeout` (per ping and per wait for a worker, default 5_000).
+  """
+  @spec health_check(keyword()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
+  def health_check(opts \\ []) do
+    timeout = Keyword.get(opts, :timeout, 5_000)
+    pool_opts = [pool_timeout: timeout, timeout: timeout] ++ Keyword.take(opts, [:pool])
+    ready = get_pool_status(opts).ready
+
+    1..max(ready, 1)
+    |> Task.async_stream(
+      fn _ -> with_checkout(:anonymous, &call(&1, :ping, %{}, pool_opts), pool_opts) end,
+      max_concurrency: max(ready, 1),
+      timeout: :infinity,
+      ordered: false
+    )
+    |> Enum.find_value({:ok, :healthy}, fn
+      {:ok, {:ok, _}} -> nil
+      {:ok, {:error, reason}} -> {:error, {:unhealthy, reason}}
+    end)
   end
 
   @doc false
