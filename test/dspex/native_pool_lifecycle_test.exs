@@ -102,8 +102,14 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
       NativePool.start_link(affinity: :sometimes)
     end
 
+    assert {:error, {:checkout_failed, "no DSPex.PythonBridge.NativePool named :nope is running"}} =
+             NativePool.execute_anonymous(:ping, %{}, pool: :nope)
+
+    assert {:error, {:checkout_failed, _}} = NativePool.checkout(:anonymous, pool: :nope)
+    assert {:error, {:unhealthy, {:checkout_failed, _}}} = NativePool.health_check(pool: :nope)
+
     assert_raise ArgumentError, ~r/no DSPex.PythonBridge.NativePool named :nope/, fn ->
-      NativePool.execute_anonymous(:ping, %{}, pool: :nope)
+      NativePool.get_pool_status(pool: :nope)
     end
   end
 
@@ -118,6 +124,19 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
     :ok = stop_supervised(a[:pool])
     refute alive?(pid_a)
     assert alive?(pid_b)
+  end
+
+  test "a request sent to a worker that died while idle runs on its replacement" do
+    opts = start_pool(pool_size: 1)
+
+    for _ <- 1..3 do
+      [pid] = status(opts).worker_pids
+      System.cmd("kill", ["-9", to_string(pid)])
+      # Dead (its pipes closed) but perhaps not yet noticed by the pool.
+      eventually(fn -> not alive?(pid) end)
+      assert {:ok, %{"pid" => new_pid}} = NativePool.execute_anonymous(:ping, %{}, opts)
+      assert new_pid != pid
+    end
   end
 
   test "child_spec is a supervisor spec like SessionPoolV2's" do

@@ -81,6 +81,21 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       assert {:ok, _} = NativePool.execute_anonymous(:ping, %{}, opts)
     end
 
+    test "large arguments and replies round-trip (encoded off the normal schedulers)" do
+      opts = start_pool(pool_size: 1)
+      text = String.duplicate("é", 600_000)
+      items = for i <- 1..5_000, do: %{i: i}
+
+      assert {:ok, %{"t" => ^text, "items" => back}} =
+               NativePool.execute_anonymous(:echo, %{t: text, items: items}, opts)
+
+      assert length(back) == 5_000
+
+      {:ok, checkout} = NativePool.checkout(:anonymous, opts)
+      assert {:ok, %{"t" => ^text}} = NativePool.call(checkout, :echo, %{t: text})
+      NativePool.checkin(checkout)
+    end
+
     test "a worker that writes garbage to stdout is recycled with a decode error" do
       opts = start_pool(pool_size: 1)
       [pid] = status(opts).worker_pids

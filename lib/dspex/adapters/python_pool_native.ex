@@ -20,8 +20,10 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   ## Using it from DSPex
 
-  The module declares `@behaviour DSPex.Adapters.Adapter` when that module is loaded at compile
-  time, so it compiles with and without DSPex; DSPex's registry only needs the functions.
+  The module declares `@behaviour DSPex.Adapters.Adapter` when that module is available at
+  compile time (already compiled, or compiled in the same project), so it compiles with and
+  without DSPex. Used as a Mix dependency of DSPex it compiles first and declares nothing, which
+  is harmless: the registry checks an adapter with `function_exported?/3`.
   `DSPex.Adapters.Registry` resolves an adapter name through its `@adapters` map (name to
   module) and `Application.get_env(:dspex, :adapter)`; V2's migration guide switched on
   `config :dspex, pool_version: :v2`. Adding the native pool is one entry and one config line:
@@ -70,6 +72,9 @@ defmodule DSPex.Adapters.PythonPoolNative do
     * `:pool_timeout` - how long to wait for a free worker, ms (the pool's `:checkout_timeout`)
     * `:timeout` - how long to wait for the reply, ms (the pool's `:operation_timeout`)
     * `:affinity` - `:prefer` or `:strict`, see `DSPex.PythonBridge.NativePool`
+    * `:retries` - how many times a request runs again on another worker when its worker died
+      mid-request (default: 1 for `execute_program`, `list_programs`, `get_program_info` and
+      `get_stats`, 0 for the commands that change a session); an LM call may then be made twice
 
   Options may be a map or a keyword list. Functions that had no options in V2 gained an extra
   arity that takes them: `health_check/1`, `end_session/2`, `get_session_info/1`,
@@ -81,8 +86,10 @@ defmodule DSPex.Adapters.PythonPoolNative do
   `"Checkout failed: ..."`, `"Response decode error: ..."`, ...), a command that failed in Python
   returns Python's message (`"Program not found: p1"`), and the pool's newer reasons
   (`{:timeout, _}`, `{:worker_exited, _}`, `{:invalid_args, _}`, `{:session_lost, _}`) are
-  returned as they are. A pool that is not running gives `"Checkout failed: ..."`, as a
-  stopped NimblePool did in V2.
+  returned as they are. A pool that is not running gives `"Checkout failed: ..."` (or
+  `{:checkout_failed, detail}` from `health_check/0` and `configure_lm/1`, which V2 did not map
+  either), as a stopped NimblePool did in V2; `end_session/1` and `get_session_info/0` raise
+  `ArgumentError` then, as V2's did on its missing ETS table.
   """
 
   alias DSPex.PythonBridge.NativePool
@@ -92,16 +99,22 @@ defmodule DSPex.Adapters.PythonPoolNative do
   @adapter_behaviour DSPex.Adapters.Adapter
   @type_converter DSPex.Adapters.TypeConverter
 
-  # Callbacks differ between DSPex versions; @impl is set exactly on the ones the loaded
-  # behaviour declares, so neither version nor its absence produces a warning.
-  @adapter_callbacks if Code.ensure_loaded?(@adapter_behaviour),
-                       do: @adapter_behaviour.behaviour_info(:callbacks),
-                       else: []
-  if Code.ensure_loaded?(@adapter_behaviour), do: @behaviour(@adapter_behaviour)
+  # Code.ensure_compiled/1, not ensure_loaded?/1: when this file is compiled in the same
+  # project as DSPex, the behaviour may still be compiling, and only ensure_compiled waits.
+  # Callbacks differ between DSPex versions; @impl is set exactly on the ones the behaviour
+  # declares, so neither version nor its absence produces a warning.
+  @adapter_callbacks (case Code.ensure_compiled(@adapter_behaviour) do
+                        {:module, adapter} -> adapter.behaviour_info(:callbacks)
+                        {:error, _} -> []
+                      end)
+  if @adapter_callbacks != [], do: @behaviour(@adapter_behaviour)
 
   # Default session for anonymous operations, as in V1/V2.
   @default_session "anonymous"
-  @call_opts [:pool, :pool_timeout, :timeout, :affinity]
+  @call_opts [:pool, :pool_timeout, :timeout, :affinity, :retries]
+  # Commands that change nothing a retry could double: run again on another worker when theirs
+  # died mid-request (typically a worker that crashed while idle, just before this request).
+  @repeatable [:execute_program, :list_programs, :get_program_info, :get_stats]
   @adapter_keys [:session_id | @call_opts]
   @no_session "session_id is required in pool-worker mode"
 
@@ -324,12 +337,12 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   if {:supports_test_layer?, 1} in @adapter_callbacks, do: @impl(true)
 
-  @doc false
+  @doc "DSPex's test layers: this adapter runs real Python, so only `:production`, as V2."
   def supports_test_layer?(layer), do: layer == :production
 
   if {:get_test_capabilities, 0} in @adapter_callbacks, do: @impl(true)
 
-  @doc false
+  @doc "V2's capability map, plus `session_affinity: true`."
   def get_test_capabilities do
     %{
       python_execution: true,
@@ -403,6 +416,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
   ## Private functions
 
   defp call(session_id, command, args, opts) do
+    opts = Keyword.put_new(opts, :retries, if(command in @repeatable, do: 1, else: 0))
     guard(fn -> NativePool.execute_in_session(session_id, command, args, opts) end)
   end
 

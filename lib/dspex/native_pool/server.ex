@@ -114,15 +114,24 @@ defmodule DSPex.NativePool.Server do
   defp priv_dir, do: :code.priv_dir(:dspex_native_pool) |> to_string()
 
   @doc false
-  def fetch!(nil), do: fetch!(NativePool.default_name())
+  def fetch(nil), do: fetch(NativePool.default_name())
 
-  def fetch!(name) do
+  def fetch(name) do
     case :persistent_term.get({NativePool, name}, nil) do
       nil ->
-        raise ArgumentError, "no DSPex.PythonBridge.NativePool named #{inspect(name)} is running"
+        {:error,
+         {:checkout_failed, "no DSPex.PythonBridge.NativePool named #{inspect(name)} is running"}}
 
       pool ->
-        pool
+        {:ok, pool}
+    end
+  end
+
+  @doc false
+  def fetch!(name) do
+    case fetch(name) do
+      {:ok, pool} -> pool
+      {:error, {:checkout_failed, message}} -> raise ArgumentError, message
     end
   end
 

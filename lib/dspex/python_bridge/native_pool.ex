@@ -126,11 +126,11 @@ defmodule DSPex.PythonBridge.NativePool do
   @spec execute_in_session(session_id(), atom() | String.t(), map(), keyword()) ::
           {:ok, term()} | {:error, reason()}
   def execute_in_session(session_id, command, args, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
     session_id = to_string(session_id)
-    touch_session(pool.table, session_id)
 
-    with {:ok, args} <- args_map(args) do
+    with {:ok, pool} <- Server.fetch(opts[:pool]),
+         :ok <- touch_session(pool.table, session_id),
+         {:ok, args} <- args_map(args) do
       args = Map.put(args, :session_id, session_id)
       run(pool, session_mode(pool, session_id, opts), command, args, opts)
     end
@@ -140,9 +140,8 @@ defmodule DSPex.PythonBridge.NativePool do
   @spec execute_anonymous(atom() | String.t(), map(), keyword()) ::
           {:ok, term()} | {:error, reason()}
   def execute_anonymous(command, args, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-
-    with {:ok, args} <- args_map(args) do
+    with {:ok, pool} <- Server.fetch(opts[:pool]),
+         {:ok, args} <- args_map(args) do
       run(pool, :anonymous, command, args, opts)
     end
   end
@@ -163,6 +162,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
     reply =
       case Native.execute(pool.resource, ref, mode, command, args, pool_timeout, timeout) do
+        # The receive stays here, next to make_ref/0, so the VM skips older messages.
         :ok ->
           receive do
             {^ref, reply} -> reply
@@ -170,6 +170,15 @@ defmodule DSPex.PythonBridge.NativePool do
             pool_timeout + timeout + @reply_margin ->
               {:error, {:timeout, "no reply within #{pool_timeout + timeout} ms"}}
           end
+
+        # Arguments too large to encode on a normal scheduler: a dirty one does it.
+        :dirty ->
+          pool.resource
+          |> Native.execute_dirty(ref, mode, command, args, pool_timeout, timeout)
+          |> then(fn
+            :ok -> await(ref, pool_timeout + timeout)
+            error -> error
+          end)
 
         {:error, _} = error ->
           error
@@ -181,6 +190,14 @@ defmodule DSPex.PythonBridge.NativePool do
 
       reply ->
         reply
+    end
+  end
+
+  defp await(ref, ms) do
+    receive do
+      {^ref, reply} -> reply
+    after
+      ms + @reply_margin -> {:error, {:timeout, "no reply within #{ms} ms"}}
     end
   end
 
@@ -209,7 +226,13 @@ defmodule DSPex.PythonBridge.NativePool do
   @spec checkout(:anonymous | {:session, session_id()}, keyword()) ::
           {:ok, Checkout.t()} | {:error, reason()}
   def checkout(mode, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
+    case Server.fetch(opts[:pool]) do
+      {:ok, pool} -> checkout(pool, mode, opts)
+      error -> error
+    end
+  end
+
+  defp checkout(pool, mode, opts) do
     pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
 
     {native_mode, session_id} =
@@ -272,6 +295,12 @@ defmodule DSPex.PythonBridge.NativePool do
             {^ref, reply} -> reply
           after
             timeout + @reply_margin -> {:error, {:timeout, "no reply within #{timeout} ms"}}
+          end
+
+        :dirty ->
+          case Native.call_dirty(checkout.lease, ref, command, args, timeout) do
+            :ok -> await(ref, timeout)
+            error -> error
           end
 
         {:error, _} = error ->
@@ -367,8 +396,8 @@ defmodule DSPex.PythonBridge.NativePool do
   end
 
   @doc """
-  Pings every worker that is free (each on its own checkout, concurrently; at least one, waiting
-  for it if all are busy) and checks that workers can start.
+  Pings every worker that is free (each on its own checkout; at least one, waiting for it if
+  all are busy) and checks that workers can start.
 
   Returns `{:ok, :healthy}` or `{:error, {:unhealthy, reason}}`, where `reason` is the first
   failure (for example `{:checkout_failed, "no worker could be started: ..."}`).
@@ -376,21 +405,36 @@ defmodule DSPex.PythonBridge.NativePool do
   """
   @spec health_check(keyword()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
   def health_check(opts \\ []) do
+    case Server.fetch(opts[:pool]) do
+      {:ok, _} -> check_health(opts)
+      {:error, reason} -> {:error, {:unhealthy, reason}}
+    end
+  end
+
+  defp check_health(opts) do
     timeout = Keyword.get(opts, :timeout, 5_000)
     pool_opts = [pool_timeout: timeout, timeout: timeout] ++ Keyword.take(opts, [:pool])
-    ready = get_pool_status(opts).ready
+    free = max(get_pool_status(opts).ready, 1)
 
-    1..max(ready, 1)
-    |> Task.async_stream(
-      fn _ -> with_checkout(:anonymous, &call(&1, :ping, %{}, pool_opts), pool_opts) end,
-      max_concurrency: max(ready, 1),
-      timeout: :infinity,
-      ordered: false
-    )
-    |> Enum.find_value({:ok, :healthy}, fn
-      {:ok, {:ok, _}} -> nil
-      {:ok, {:error, reason}} -> {:error, {:unhealthy, reason}}
-    end)
+    # Hold every checkout until all are pinged, so each ping lands on a different worker.
+    {held, failures} =
+      Enum.reduce(1..free, {[], []}, fn _, {held, failures} ->
+        case checkout(:anonymous, pool_opts) do
+          {:ok, checkout} -> {[checkout | held], failures}
+          {:error, reason} -> {held, [reason | failures]}
+        end
+      end)
+
+    try do
+      pings = for checkout <- held, do: call(checkout, :ping, %{}, pool_opts)
+
+      case Enum.reverse(failures) ++ for({:error, reason} <- pings, do: reason) do
+        [] -> {:ok, :healthy}
+        [reason | _] -> {:error, {:unhealthy, reason}}
+      end
+    after
+      Enum.each(held, &checkin/1)
+    end
   end
 
   @doc false

@@ -190,7 +190,7 @@ impl EventSink for Events {
 /// Unwraps a reply delivery.
 pub fn reply(d: Delivery) -> Result<Value, PoolError> {
     match d {
-        Delivery::Reply(r) => r,
+        Delivery::Reply(r) => r.map(|json| serde_json::from_slice(&json).expect("a JSON result")),
         Delivery::Assigned => panic!("expected a reply, got Assigned"),
     }
 }

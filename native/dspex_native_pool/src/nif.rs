@@ -10,6 +10,7 @@ use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, Resou
 use crate::checkout::{LeaseResource, LIVE};
 use crate::error::PoolError;
 use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
+use crate::term::EncodeError;
 use crate::worker::PythonSpawner;
 
 mod atoms {
@@ -19,7 +20,7 @@ mod atoms {
         pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
-        debug, info, warning,
+        debug, info, warning, dirty,
     }
 }
 
@@ -76,9 +77,10 @@ impl ReplySink for BeamReply {
                 let r = reference.load(env);
                 let payload = match &delivery {
                     Delivery::Assigned => atoms::ok().encode(env),
-                    Delivery::Reply(Ok(v)) => {
-                        (atoms::ok(), crate::term::to_term(env, v)).encode(env)
-                    }
+                    Delivery::Reply(Ok(json)) => match crate::term::json_to_term(env, json) {
+                        Ok(term) => (atoms::ok(), term).encode(env),
+                        Err(e) => (atoms::error(), PoolError::Decode(e.to_string())).encode(env),
+                    },
                     Delivery::Reply(Err(e)) => (atoms::error(), e).encode(env),
                 };
                 (r, payload)
@@ -231,16 +233,32 @@ fn decode_command(term: Term) -> NifResult<String> {
     term.decode::<String>()
 }
 
-fn encode_args(args: Term) -> Result<Vec<u8>, PoolError> {
-    let mut out = Vec::with_capacity(64);
-    crate::term::write_json(args, &mut out).map_err(PoolError::InvalidArgs)?;
-    Ok(out)
+/// On a normal scheduler a NIF must stay short: arguments whose JSON outgrows this budget are
+/// encoded again by the `_dirty` variant of the NIF, on a dirty CPU scheduler.
+const SCHEDULER_BUDGET: usize = 64 * 1024;
+
+enum Args {
+    Json(Vec<u8>),
+    Invalid(PoolError),
+    OverBudget,
+}
+
+fn encode_args(args: Term, budget: usize) -> Args {
+    let mut out = Vec::with_capacity(128);
+    match crate::term::write_json(args, &mut out, budget) {
+        Ok(()) => Args::Json(out),
+        Err(EncodeError::Invalid(msg)) => Args::Invalid(PoolError::InvalidArgs(msg)),
+        Err(EncodeError::OverBudget) => Args::OverBudget,
+    }
 }
 
 fn error<'a>(env: Env<'a>, e: PoolError) -> Term<'a> {
     (atoms::error(), e).encode(env)
 }
 
+/// Claims a worker and sends it the request; the reply comes as `{reference, result}`.
+/// Returns `:ok`, `{:error, reason}`, or `:dirty` when the arguments are too large to encode
+/// here (call `execute_dirty/7`).
 #[rustler::nif]
 #[allow(clippy::too_many_arguments)]
 fn execute<'a>(
@@ -253,11 +271,62 @@ fn execute<'a>(
     pool_timeout: u64,
     timeout: u64,
 ) -> NifResult<Term<'a>> {
+    execute_impl(
+        env,
+        pool,
+        reference,
+        mode,
+        command,
+        arguments,
+        pool_timeout,
+        timeout,
+        SCHEDULER_BUDGET,
+    )
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
+fn execute_dirty<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    reference: Term<'a>,
+    mode: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    pool_timeout: u64,
+    timeout: u64,
+) -> NifResult<Term<'a>> {
+    execute_impl(
+        env,
+        pool,
+        reference,
+        mode,
+        command,
+        arguments,
+        pool_timeout,
+        timeout,
+        usize::MAX,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute_impl<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    reference: Term<'a>,
+    mode: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    pool_timeout: u64,
+    timeout: u64,
+    budget: usize,
+) -> NifResult<Term<'a>> {
     let mode = decode_mode(mode)?;
     let command = decode_command(command)?;
-    let args = match encode_args(arguments) {
-        Ok(a) => a,
-        Err(e) => return Ok(error(env, e)),
+    let args = match encode_args(arguments, budget) {
+        Args::Json(a) => a,
+        Args::Invalid(e) => return Ok(error(env, e)),
+        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
     };
     let id = pool.pool.new_lease_id();
     let lease = ResourceArc::new(LeaseResource::new(pool.clone(), id));
@@ -268,13 +337,14 @@ fn execute<'a>(
         timeout: Duration::from_millis(timeout),
     };
     let reply = Box::new(BeamReply::new(env, reference));
+    let guard: Box<dyn Send> = Box::new(lease);
     match pool.pool.acquire(
         id,
         mode,
         Some(request),
         reply,
         Duration::from_millis(pool_timeout),
-        Some(Box::new(lease)),
+        Some(guard),
     ) {
         Ok(_) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
@@ -308,6 +378,7 @@ fn checkout<'a>(
     }
 }
 
+/// Sends a request on a held checkout; like `execute/8`, may return `:dirty`.
 #[rustler::nif]
 fn call<'a>(
     env: Env<'a>,
@@ -317,10 +388,51 @@ fn call<'a>(
     arguments: Term<'a>,
     timeout: u64,
 ) -> NifResult<Term<'a>> {
+    call_impl(
+        env,
+        lease,
+        reference,
+        command,
+        arguments,
+        timeout,
+        SCHEDULER_BUDGET,
+    )
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn call_dirty<'a>(
+    env: Env<'a>,
+    lease: ResourceArc<LeaseResource>,
+    reference: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    timeout: u64,
+) -> NifResult<Term<'a>> {
+    call_impl(
+        env,
+        lease,
+        reference,
+        command,
+        arguments,
+        timeout,
+        usize::MAX,
+    )
+}
+
+fn call_impl<'a>(
+    env: Env<'a>,
+    lease: ResourceArc<LeaseResource>,
+    reference: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    timeout: u64,
+    budget: usize,
+) -> NifResult<Term<'a>> {
     let command = decode_command(command)?;
-    let args = match encode_args(arguments) {
-        Ok(a) => a,
-        Err(e) => return Ok(error(env, e)),
+    let args = match encode_args(arguments, budget) {
+        Args::Json(a) => a,
+        Args::Invalid(e) => return Ok(error(env, e)),
+        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
     };
     let request = Request {
         command,
@@ -401,21 +513,22 @@ fn keyed<'a>(env: Env<'a>, pairs: &[(Atom, Term<'a>)]) -> Vec<(Term<'a>, Term<'a
 /// The JSON text the pool would send for `term` (tests and benchmarks of the conversion).
 #[rustler::nif]
 fn json_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
-    match encode_args(term) {
-        Ok(bytes) => {
+    match encode_args(term, usize::MAX) {
+        Args::Json(bytes) => {
             let mut bin = rustler::NewBinary::new(env, bytes.len());
             bin.as_mut_slice().copy_from_slice(&bytes);
             (atoms::ok(), Term::from(bin)).encode(env)
         }
-        Err(e) => error(env, e),
+        Args::Invalid(e) => error(env, e),
+        Args::OverBudget => unreachable!("no budget"),
     }
 }
 
 /// The term the pool would deliver for the JSON text `json`.
 #[rustler::nif]
 fn json_decode<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
-    match serde_json::from_slice::<serde_json::Value>(json.as_slice()) {
-        Ok(v) => (atoms::ok(), crate::term::to_term(env, &v)).encode(env),
+    match crate::term::json_to_term(env, json.as_slice()) {
+        Ok(term) => (atoms::ok(), term).encode(env),
         Err(e) => error(env, PoolError::Decode(e.to_string())),
     }
 }

@@ -35,8 +35,8 @@ pub type LeaseId = u64;
 pub enum Delivery {
     /// A queued checkout now holds a worker.
     Assigned,
-    /// The reply to a request, or why the lease failed.
-    Reply(Result<Value, PoolError>),
+    /// The reply to a request (its result as JSON text), or why the lease failed.
+    Reply(Result<Bytes, PoolError>),
 }
 
 /// Where a [`Delivery`] goes: a BEAM process in production, a channel in tests.
@@ -118,6 +118,7 @@ struct LeaseEntry {
     state: LeaseState,
     /// An execute lease's request; `None` for checkouts.
     once: Option<Request>,
+    pool_timeout: Duration,
     reply: Option<Box<dyn ReplySink>>,
     /// Keeps the caller's monitor alive while the pool works for it (the NIF resource).
     _guard: Option<Box<dyn Send>>,
@@ -145,7 +146,10 @@ enum PendingKind {
     Caller {
         lease: LeaseId,
         command: String,
-        args: Option<Vec<u8>>,
+        args: Vec<u8>,
+        timeout: Duration,
+        /// Whether a success changes recorded session (or global) state.
+        recorded: bool,
     },
 }
 
@@ -227,7 +231,7 @@ struct State {
 
 #[derive(Default)]
 struct Effects {
-    writes: Vec<(Arc<Conn>, Vec<u8>)>,
+    writes: Vec<(WorkerId, Arc<Conn>, Vec<u8>)>,
     signals: Vec<(Arc<Conn>, i32)>,
     spawns: Vec<(WorkerId, Duration)>,
     deliveries: Vec<(Box<dyn ReplySink>, Delivery)>,
@@ -526,6 +530,7 @@ impl Shared {
             LeaseEntry {
                 mode,
                 checkout: once.is_none(),
+                pool_timeout,
                 state: LeaseState::Queued {
                     deadline: now + pool_timeout,
                     pool_timeout,
@@ -693,7 +698,9 @@ impl Shared {
             kind: PendingKind::Caller {
                 lease,
                 command: req.command,
-                args: recorded.then_some(req.args),
+                args: req.args,
+                timeout: req.timeout,
+                recorded,
             },
         });
         st.leases.get_mut(&lease).unwrap().reply = Some(reply);
@@ -702,6 +709,7 @@ impl Shared {
         w.inflight.extend(pending);
         w.deadline = Some((Instant::now() + req.timeout, req.timeout));
         fx.writes.push((
+            wid,
             w.conn.clone().expect("a leased worker is connected"),
             frames,
         ));
@@ -795,7 +803,7 @@ impl Shared {
                 Instant::now() + self.config.start_timeout,
                 self.config.start_timeout,
             ));
-            fx.writes.push((w.conn.clone().unwrap(), frames));
+            fx.writes.push((wid, w.conn.clone().unwrap(), frames));
             return;
         }
         w.status = Status::Idle;
@@ -1027,7 +1035,7 @@ impl Shared {
                         kind: PendingKind::Chore,
                     });
                 }
-                fx.writes.push((conn, frames));
+                fx.writes.push((wid, conn, frames));
                 true
             }
         };
@@ -1088,6 +1096,70 @@ impl Shared {
         } else {
             self.grow(st, fx);
         }
+    }
+
+    /// A write found the worker's stdin closed: the process is gone and read nothing of it.
+    /// Execute requests go back to the head of the queue (they never ran); a checkout is bound
+    /// to its worker, so its request fails as if the worker had died mid-request.
+    fn on_write_failed(&self, wid: WorkerId) {
+        let mut fx = Effects::default();
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let owed: Vec<Pending> = match st.workers.get_mut(&wid) {
+                Some(w) if w.status != Status::Dead => w.inflight.drain(..).collect(),
+                _ => return,
+            };
+            let now = Instant::now();
+            let mut unsent = VecDeque::new();
+            for p in owed.into_iter().rev() {
+                let requeue = match &p.kind {
+                    PendingKind::Caller { lease, .. } => {
+                        st.leases.get(lease).is_some_and(|l| !l.checkout)
+                    }
+                    _ => false,
+                };
+                match p.kind {
+                    PendingKind::Caller {
+                        lease,
+                        command,
+                        args,
+                        timeout,
+                        ..
+                    } if requeue => {
+                        let entry = st.leases.get_mut(&lease).unwrap();
+                        entry.once = Some(Request {
+                            command,
+                            args,
+                            timeout,
+                        });
+                        entry.state = LeaseState::Queued {
+                            deadline: now + entry.pool_timeout,
+                            pool_timeout: entry.pool_timeout,
+                            prefer: None,
+                        };
+                        st.queue.push_front(lease);
+                        st.queue_check_at = Some(now + entry.pool_timeout);
+                    }
+                    kind => unsent.push_front(Pending { id: p.id, kind }),
+                }
+            }
+            st.workers.get_mut(&wid).unwrap().inflight = unsent;
+            self.kill_worker(st, wid, "its stdin is closed (it exited)", &mut fx, |_| {
+                PoolError::WorkerExited(ExitInfo::Unknown)
+            });
+            let idle: Vec<WorkerId> = st
+                .workers
+                .iter()
+                .filter(|(_, w)| w.status == Status::Idle)
+                .map(|(id, _)| *id)
+                .collect();
+            for other in idle {
+                self.worker_free(st, other, &mut fx);
+            }
+            self.grow(st, &mut fx);
+        }
+        self.perform(fx);
     }
 
     fn on_frame(&self, wid: WorkerId, body: Bytes) {
@@ -1190,10 +1262,12 @@ impl Shared {
                 lease,
                 command,
                 args,
+                recorded,
+                ..
             } => {
                 let outcome = response.outcome;
-                if let (Ok(result), Some(args)) = (&outcome, &args) {
-                    self.record(st, wid, lease, &command, args, result, fx);
+                if let (Ok(result), true) = (&outcome, recorded) {
+                    self.record(st, wid, lease, &command, &args, result, fx);
                 }
                 if outcome.is_err() {
                     st.counters.errors += 1;
@@ -1222,7 +1296,7 @@ impl Shared {
         lease: LeaseId,
         command: &str,
         args: &[u8],
-        result: &Value,
+        result: &[u8],
         fx: &mut Effects,
     ) {
         if session::is_global_config(command, args) {
@@ -1252,9 +1326,10 @@ impl Shared {
         let Some(Mode::Session { id, .. }) = st.leases.get(&lease).map(|l| l.mode.clone()) else {
             return;
         };
+        let result: Value = serde_json::from_slice(result).unwrap_or(Value::Null);
         let record = st.sessions.entry(id.clone()).or_default();
         let was_current = st.workers[&wid].sessions.get(&id) == Some(&record.generation);
-        if record.apply(command, args, result) && was_current {
+        if record.apply(command, args, &result) && was_current {
             let g = record.generation;
             st.workers.get_mut(&wid).unwrap().sessions.insert(id, g);
         }
@@ -1447,6 +1522,7 @@ impl Shared {
         if let Some(conn) = w.conn.clone() {
             let rid = self.next_request_id();
             fx.writes.push((
+                wid,
                 conn.clone(),
                 protocol::encode_request(rid, "shutdown", b"{}", usize::MAX).unwrap(),
             ));
@@ -1511,8 +1587,10 @@ impl Shared {
     }
 
     fn perform(&self, fx: Effects) {
-        for (conn, frames) in fx.writes {
-            conn.write(frames);
+        for (wid, conn, frames) in fx.writes {
+            if !conn.write(frames) {
+                self.on_write_failed(wid);
+            }
         }
         for (conn, sig) in fx.signals {
             conn.signal(sig);

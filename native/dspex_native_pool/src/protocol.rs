@@ -3,7 +3,10 @@
 //! Requests are `{"id": int, "command": str, "args": object}`; responses are
 //! `{"id": int, "success": true, "result": any}` or `{"id": int, "success": false, "error": str}`.
 
-use serde_json::Value;
+use bytes::Bytes;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::PoolError;
@@ -51,11 +54,28 @@ pub fn encode_request(
     Ok(out)
 }
 
-/// A decoded response frame.
+/// A decoded response frame. A successful result stays JSON text (a zero-copy slice of the
+/// frame): it becomes a term only where it is delivered, straight from the text.
 #[derive(Debug)]
 pub struct Response {
     pub id: u64,
-    pub outcome: Result<Value, PoolError>,
+    pub outcome: Result<Bytes, PoolError>,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    id: Option<u64>,
+    success: Option<bool>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+}
+
+/// `Some` whenever the key is present, `null` included (plain `Option` would read `null` as
+/// absent, and `"result": null` is a valid reply).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses a response frame body.
@@ -63,25 +83,27 @@ pub struct Response {
 /// # Errors
 /// [`PoolError::Decode`] for bytes that are not JSON, [`PoolError::Malformed`] for JSON that is
 /// not a response (no integer `id`, no boolean `success`, no `result`/`error`).
-pub fn decode_response(body: &[u8]) -> Result<Response, PoolError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-        PoolError::Decode(format!("invalid JSON from worker ({e}): {preview:?}"))
-    })?;
-    let Value::Object(mut map) = value else {
-        return Err(PoolError::Malformed);
+pub fn decode_response(body: &Bytes) -> Result<Response, PoolError> {
+    let wire: Wire = match serde_json::from_slice(body) {
+        Ok(w) => w,
+        Err(e) => {
+            return Err(if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+                PoolError::Malformed
+            } else {
+                let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+                PoolError::Decode(format!("invalid JSON from worker ({e}): {preview:?}"))
+            })
+        }
     };
-    let id = map
-        .get("id")
-        .and_then(Value::as_u64)
-        .ok_or(PoolError::Malformed)?;
-    let outcome = match map.get("success") {
-        Some(Value::Bool(true)) => Ok(map.remove("result").ok_or(PoolError::Malformed)?),
-        Some(Value::Bool(false)) => Err(PoolError::Python(match map.remove("error") {
-            Some(Value::String(s)) => s,
-            Some(other) => other.to_string(),
-            None => return Err(PoolError::Malformed),
-        })),
+    let id = wire.id.ok_or(PoolError::Malformed)?;
+    let outcome = match (wire.success, wire.result, wire.error) {
+        (Some(true), Some(raw), _) => {
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            Ok(body.slice(start..start + raw.get().len()))
+        }
+        (Some(false), _, Some(err)) => Err(PoolError::Python(
+            serde_json::from_str::<String>(err.get()).unwrap_or_else(|_| err.get().to_owned()),
+        )),
         _ => return Err(PoolError::Malformed),
     };
     Ok(Response { id, outcome })
@@ -91,6 +113,11 @@ pub fn decode_response(body: &[u8]) -> Result<Response, PoolError> {
 mod tests {
     use super::*;
     use bytes::BytesMut;
+    use serde_json::Value;
+
+    fn decode(body: &[u8]) -> Result<Response, PoolError> {
+        decode_response(&Bytes::copy_from_slice(body))
+    }
     use tokio_util::codec::Decoder;
 
     #[test]
@@ -113,26 +140,30 @@ mod tests {
 
     #[test]
     fn responses_decode_to_outcomes() {
-        let ok = decode_response(br#"{"id":3,"success":true,"result":{"x":[1,2]}}"#).unwrap();
+        let ok = decode(br#"{"id":3,"success":true,"result":{"x":[1,2]},"t":1}"#).unwrap();
         assert_eq!(ok.id, 3);
-        assert_eq!(ok.outcome.unwrap(), serde_json::json!({"x": [1, 2]}));
-        let err = decode_response(br#"{"id":4,"success":false,"error":"boom"}"#).unwrap();
-        assert_eq!(err.outcome.unwrap_err(), PoolError::Python("boom".into()));
+        assert_eq!(&ok.outcome.unwrap()[..], br#"{"x":[1,2]}"#);
+        let null = decode(br#"{"id":3,"success":true,"result":null}"#).unwrap();
+        assert_eq!(&null.outcome.unwrap()[..], b"null");
+        let err = decode(br#"{"id":4,"success":false,"error":"boom \"q\""}"#).unwrap();
+        assert_eq!(
+            err.outcome.unwrap_err(),
+            PoolError::Python("boom \"q\"".into())
+        );
     }
 
     #[test]
     fn bad_responses_are_decode_or_malformed_errors() {
-        assert!(matches!(
-            decode_response(b"not json{"),
-            Err(PoolError::Decode(_))
-        ));
-        assert_eq!(decode_response(b"[1]").unwrap_err(), PoolError::Malformed);
+        assert!(matches!(decode(b"not json{"), Err(PoolError::Decode(_))));
+        assert_eq!(decode(b"[1]").unwrap_err(), PoolError::Malformed);
+        let string_id = br#"{"id":"1","success":true,"result":1}"#;
+        assert_eq!(decode(string_id).unwrap_err(), PoolError::Malformed);
         assert_eq!(
-            decode_response(br#"{"id":1,"result":1}"#).unwrap_err(),
+            decode(br#"{"id":1,"result":1}"#).unwrap_err(),
             PoolError::Malformed
         );
         assert_eq!(
-            decode_response(br#"{"id":1,"success":true}"#).unwrap_err(),
+            decode(br#"{"id":1,"success":true}"#).unwrap_err(),
             PoolError::Malformed
         );
     }

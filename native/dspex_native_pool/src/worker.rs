@@ -67,14 +67,16 @@ impl Conn {
     /// Writes `buf` without blocking the calling thread: small frames go straight into the pipe
     /// from whichever thread dispatches (a BEAM scheduler on the fast path, which saves a thread
     /// hop per request); what the pipe cannot take now is finished by a Tokio task.
-    pub fn write(self: &Arc<Self>, buf: Vec<u8>) {
+    ///
+    /// Returns false when the pipe refused the first byte (the worker is gone and read none
+    /// of it); a failure after that is the reader's to report, as the worker's exit.
+    pub fn write(self: &Arc<Self>, buf: Vec<u8>) -> bool {
         let mut done = 0;
         while done < buf.len() {
             match self.stdin.try_write(&buf[done..]) {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // A dead worker: its exit is reported by the reader and fails the request.
-                Err(_) => return,
+                Err(_) => return done > 0,
             }
         }
         if done < buf.len() {
@@ -92,6 +94,7 @@ impl Conn {
                 }
             });
         }
+        true
     }
 
     pub fn signal(&self, sig: i32) {
