@@ -20,7 +20,7 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
 
     eventually(fn ->
       :erlang.garbage_collect()
-      Native.live_leases() == 0
+      Native.live_leases() == 0 and status(opts).open_leases == 0
     end)
 
     eventually(fn -> status(opts).ready == 2 end)

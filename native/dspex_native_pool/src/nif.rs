@@ -7,7 +7,9 @@ use std::time::Duration;
 use rustler::env::SavedTerm;
 use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, ResourceArc, Term};
 
-use crate::checkout::{LeaseResource, LIVE};
+use std::sync::Arc;
+
+use crate::checkout::{CheckoutHandle, Shared, LIVE};
 use crate::error::PoolError;
 use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
 use crate::term::EncodeError;
@@ -17,7 +19,7 @@ mod atoms {
     rustler::atoms! {
         ok, error, queued, anonymous, session, strict, nil,
         dspex_native_pool_log, dspex_native_pool_event, worker_started, worker_exited, stopped,
-        pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions,
+        pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions, open_leases,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
         debug, info, warning, dirty,
@@ -31,7 +33,7 @@ pub fn load(env: Env, _info: Term) -> bool {
 }
 
 pub struct PoolResource {
-    pub pool: Pool,
+    pub shared: Arc<Shared>,
 }
 
 #[rustler::resource_impl]
@@ -192,12 +194,15 @@ fn pool_start(env: Env, config: Config) -> Term {
     };
     let events = BeamEvents { owner: env.pid() };
     let pool = Pool::start(pool_config, Box::new(spawner), Box::new(events));
-    ResourceArc::new(PoolResource { pool }).encode(env)
+    ResourceArc::new(PoolResource {
+        shared: Shared::new(pool),
+    })
+    .encode(env)
 }
 
 #[rustler::nif]
 fn pool_stop(pool: ResourceArc<PoolResource>) -> Atom {
-    pool.pool.stop();
+    pool.shared.pool.stop();
     atoms::ok()
 }
 
@@ -328,24 +333,20 @@ fn execute_impl<'a>(
         Args::Invalid(e) => return Ok(error(env, e)),
         Args::OverBudget => return Ok(atoms::dirty().encode(env)),
     };
-    let id = pool.pool.new_lease_id();
-    let lease = ResourceArc::new(LeaseResource::new(pool.clone(), id));
-    env.monitor(&lease, &env.pid());
+    let owner = pool.shared.owner(env);
+    let id = pool.shared.pool.new_lease_id();
     let request = Request {
         command,
         args,
         timeout: Duration::from_millis(timeout),
     };
     let reply = Box::new(BeamReply::new(env, reference));
-    let guard: Box<dyn Send> = Box::new(lease);
-    match pool.pool.acquire(
-        id,
-        mode,
-        Some(request),
-        reply,
-        Duration::from_millis(pool_timeout),
-        Some(guard),
-    ) {
+    let pool_timeout = Duration::from_millis(pool_timeout);
+    match pool
+        .shared
+        .pool
+        .acquire(id, mode, Some(request), reply, pool_timeout, owner)
+    {
         Ok(_) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
     }
@@ -360,18 +361,16 @@ fn checkout<'a>(
     pool_timeout: u64,
 ) -> NifResult<Term<'a>> {
     let mode = decode_mode(mode)?;
-    let id = pool.pool.new_lease_id();
-    let lease = ResourceArc::new(LeaseResource::new(pool.clone(), id));
-    env.monitor(&lease, &env.pid());
+    let owner = pool.shared.owner(env);
+    let id = pool.shared.pool.new_lease_id();
+    let lease = ResourceArc::new(CheckoutHandle::new(pool.shared.clone(), id));
     let reply = Box::new(BeamReply::new(env, reference));
-    match pool.pool.acquire(
-        id,
-        mode,
-        None,
-        reply,
-        Duration::from_millis(pool_timeout),
-        None,
-    ) {
+    let pool_timeout = Duration::from_millis(pool_timeout);
+    match pool
+        .shared
+        .pool
+        .acquire(id, mode, None, reply, pool_timeout, owner)
+    {
         Ok(Acquired::Now(_)) => Ok((atoms::ok(), lease).encode(env)),
         Ok(Acquired::Queued(_)) => Ok((atoms::queued(), lease).encode(env)),
         Err(e) => Ok(error(env, e)),
@@ -382,7 +381,7 @@ fn checkout<'a>(
 #[rustler::nif]
 fn call<'a>(
     env: Env<'a>,
-    lease: ResourceArc<LeaseResource>,
+    lease: ResourceArc<CheckoutHandle>,
     reference: Term<'a>,
     command: Term<'a>,
     arguments: Term<'a>,
@@ -402,7 +401,7 @@ fn call<'a>(
 #[rustler::nif(schedule = "DirtyCpu")]
 fn call_dirty<'a>(
     env: Env<'a>,
-    lease: ResourceArc<LeaseResource>,
+    lease: ResourceArc<CheckoutHandle>,
     reference: Term<'a>,
     command: Term<'a>,
     arguments: Term<'a>,
@@ -421,7 +420,7 @@ fn call_dirty<'a>(
 
 fn call_impl<'a>(
     env: Env<'a>,
-    lease: ResourceArc<LeaseResource>,
+    lease: ResourceArc<CheckoutHandle>,
     reference: Term<'a>,
     command: Term<'a>,
     arguments: Term<'a>,
@@ -440,27 +439,27 @@ fn call_impl<'a>(
         timeout: Duration::from_millis(timeout),
     };
     let reply = Box::new(BeamReply::new(env, reference));
-    match lease.pool.pool.call(lease.id, request, reply) {
+    match lease.shared.pool.call(lease.id, request, reply) {
         Ok(()) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
     }
 }
 
 #[rustler::nif]
-fn checkin(lease: ResourceArc<LeaseResource>) -> Atom {
-    lease.pool.pool.release(lease.id);
+fn checkin(lease: ResourceArc<CheckoutHandle>) -> Atom {
+    lease.shared.pool.release(lease.id);
     atoms::ok()
 }
 
 #[rustler::nif]
 fn end_session(pool: ResourceArc<PoolResource>, session_id: String) -> Atom {
-    pool.pool.end_session(&session_id);
+    pool.shared.pool.end_session(&session_id);
     atoms::ok()
 }
 
 #[rustler::nif]
 fn status(env: Env, pool: ResourceArc<PoolResource>) -> Term {
-    let s = pool.pool.status();
+    let s = pool.shared.pool.status();
     let c = &s.counters;
     let counters = Term::map_from_pairs(
         env,
@@ -492,6 +491,7 @@ fn status(env: Env, pool: ResourceArc<PoolResource>) -> Term {
                 (atoms::overflow(), s.overflow.encode(env)),
                 (atoms::queued_callers(), s.queued.encode(env)),
                 (atoms::native_sessions(), s.sessions.encode(env)),
+                (atoms::open_leases(), s.open_leases.encode(env)),
                 (atoms::last_start_error(), s.last_start_error.encode(env)),
                 (atoms::counters(), counters),
                 (atoms::worker_pids(), s.worker_pids.encode(env)),

@@ -29,6 +29,8 @@ use crate::worker::{self, Conn, Spawner};
 
 pub type WorkerId = u64;
 pub type LeaseId = u64;
+/// Identifies the holder of leases; the NIF layer gives each calling process one.
+pub type Owner = u64;
 
 /// What the pool tells a lease holder.
 #[derive(Debug)]
@@ -120,8 +122,9 @@ struct LeaseEntry {
     once: Option<Request>,
     pool_timeout: Duration,
     reply: Option<Box<dyn ReplySink>>,
-    /// Keeps the caller's monitor alive while the pool works for it (the NIF resource).
-    _guard: Option<Box<dyn Send>>,
+    /// Who holds the lease (an opaque id: the NIF layer's id of the caller's process), so
+    /// [`Pool::release_owner`] can end every lease of a process that died.
+    owner: Owner,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +208,7 @@ pub struct PoolStatus {
     pub starting: usize,
     pub overflow: usize,
     pub queued: usize,
+    pub open_leases: usize,
     pub sessions: usize,
     pub last_start_error: Option<String>,
     pub counters: Counters,
@@ -235,7 +239,6 @@ struct Effects {
     signals: Vec<(Arc<Conn>, i32)>,
     spawns: Vec<(WorkerId, Duration)>,
     deliveries: Vec<(Box<dyn ReplySink>, Delivery)>,
-    guards: Vec<Box<dyn Send>>,
     stopped: bool,
 }
 
@@ -324,7 +327,7 @@ impl Pool {
         once: Option<Request>,
         reply: Box<dyn ReplySink>,
         pool_timeout: Duration,
-        guard: Option<Box<dyn Send>>,
+        owner: Owner,
     ) -> Result<Acquired, PoolError> {
         let s = &self.shared;
         let mut fx = Effects::default();
@@ -337,7 +340,7 @@ impl Pool {
                 once,
                 reply,
                 pool_timeout,
-                guard,
+                owner,
                 &mut fx,
             )
         };
@@ -369,6 +372,27 @@ impl Pool {
     /// Ends a lease: checkin, a dropped checkout, or a holder that died. Idempotent.
     pub fn release(&self, lease: LeaseId) {
         self.shared.release(lease)
+    }
+
+    /// Ends every lease of `owner` (its process died): queued ones leave the queue, held
+    /// workers return, workers with a request in flight are recycled.
+    pub fn release_owner(&self, owner: Owner) {
+        let leases: Vec<LeaseId> = {
+            let st = self.shared.lock();
+            st.leases
+                .iter()
+                .filter(|(_, l)| l.owner == owner)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for lease in leases {
+            self.shared.release(lease);
+        }
+    }
+
+    /// Number of open leases (queued, holding a worker, or awaiting a reply).
+    pub fn open_leases(&self) -> usize {
+        self.shared.lock().leases.len()
     }
 
     /// Forgets a session and frees its programs in every worker that holds them.
@@ -410,6 +434,7 @@ impl Pool {
             starting: 0,
             overflow: 0,
             queued: st.queue.len(),
+            open_leases: st.leases.len(),
             sessions: st.sessions.len(),
             last_start_error: st.last_start_error.clone(),
             counters: st.counters.clone(),
@@ -484,7 +509,7 @@ impl Shared {
         once: Option<Request>,
         reply: Box<dyn ReplySink>,
         pool_timeout: Duration,
-        guard: Option<Box<dyn Send>>,
+        owner: Owner,
         fx: &mut Effects,
     ) -> Result<Acquired, PoolError> {
         if st.closed {
@@ -538,7 +563,7 @@ impl Shared {
                 },
                 once,
                 reply: Some(reply),
-                _guard: guard,
+                owner,
             },
         );
         match target {
@@ -730,12 +755,8 @@ impl Shared {
         }
     }
 
-    fn end_lease(&self, st: &mut State, lease: LeaseId, fx: &mut Effects) {
-        if let Some(entry) = st.leases.remove(&lease) {
-            if let Some(g) = entry._guard {
-                fx.guards.push(g);
-            }
-        }
+    fn end_lease(&self, st: &mut State, lease: LeaseId, _fx: &mut Effects) {
+        st.leases.remove(&lease);
     }
 
     fn release(&self, lease: LeaseId) {
@@ -745,9 +766,6 @@ impl Shared {
             let Some(entry) = st.leases.remove(&lease) else {
                 return;
             };
-            if let Some(g) = entry._guard {
-                fx.guards.push(g);
-            }
             match entry.state {
                 LeaseState::Queued { .. } => st.queue.retain(|l| *l != lease),
                 LeaseState::Holding { worker } => {
@@ -983,9 +1001,6 @@ impl Shared {
                             Delivery::Reply(Err(PoolError::SessionLost(id.to_string()))),
                         ));
                     }
-                }
-                if let Some(g) = entry._guard {
-                    fx.guards.push(g);
                 }
             }
         }
@@ -1602,7 +1617,6 @@ impl Shared {
         for (sink, delivery) in fx.deliveries {
             sink.deliver(delivery);
         }
-        drop(fx.guards);
         if fx.stopped {
             self.events.stopped();
         }

@@ -83,7 +83,7 @@ impl Harness {
         };
         let id = self.pool.new_lease_id();
         self.pool
-            .acquire(id, mode, Some(req), reply, Duration::from_secs(5), None)?;
+            .acquire(id, mode, Some(req), reply, Duration::from_secs(5), 0)?;
         fake::reply(rx.await.expect("a delivery"))
     }
 
@@ -102,7 +102,7 @@ impl Harness {
             None,
             reply,
             Duration::from_millis(pool_timeout_ms),
-            None,
+            0,
         );
         (r, rx)
     }
@@ -549,7 +549,7 @@ fn a_strict_session_waits_for_its_own_worker() {
         let id = h.pool.new_lease_id();
         let r = h
             .pool
-            .acquire(id, s, Some(req), reply, Duration::from_secs(5), None);
+            .acquire(id, s, Some(req), reply, Duration::from_secs(5), 0);
         assert_eq!(
             r,
             Ok(Acquired::Queued(id)),
@@ -558,5 +558,37 @@ fn a_strict_session_waits_for_its_own_worker() {
         h.pool.release(held);
         assert!(fake::reply(rx.await.unwrap()).is_ok());
         assert_eq!(h.pool.status().counters.restores, 0);
+    })
+}
+
+#[test]
+fn a_dead_owner_loses_every_lease_it_held() {
+    run(async {
+        let h = Harness::start(config(1)).await;
+        let (reply, _a) = fake::sink();
+        let held = h.pool.new_lease_id();
+        let r = h.pool.acquire(
+            held,
+            Mode::Anonymous,
+            None,
+            reply,
+            Duration::from_secs(5),
+            7,
+        );
+        assert_eq!(r, Ok(Acquired::Now(held)));
+        let (reply, _b) = fake::sink();
+        let queued = h.pool.new_lease_id();
+        let r = h.pool.acquire(
+            queued,
+            Mode::Anonymous,
+            None,
+            reply,
+            Duration::from_secs(5),
+            7,
+        );
+        assert_eq!(r, Ok(Acquired::Queued(queued)));
+        h.pool.release_owner(7);
+        let s = h.pool.status();
+        assert_eq!((s.queued, s.open_leases, s.ready), (0, 0, 1));
     })
 }
