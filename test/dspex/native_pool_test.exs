@@ -229,6 +229,8 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       :ok = NativePool.checkin(checkout)
       assert {:error, {:checkout_failed, _}} = NativePool.call(checkout, :ping, %{})
       :ok = NativePool.checkin(checkout)
+      # Every reply was consumed by its call: nothing stray is left in the mailbox.
+      refute_received _
     end
 
     test "a queued checkout is served when the worker comes back" do

@@ -49,10 +49,12 @@ fn off_scheduler(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Where a caller waits: its pid and the reference its `receive` matches.
+///
+/// A sink dropped without delivering (the pool went away with the request) still answers,
+/// with `{:checkout_failed, _}`, so no caller waits for a reply that cannot come.
 struct BeamReply {
-    pid: LocalPid,
-    env: OwnedEnv,
-    reference: SavedTerm,
+    to: Option<(LocalPid, OwnedEnv, SavedTerm)>,
 }
 
 impl BeamReply {
@@ -60,21 +62,15 @@ impl BeamReply {
         let owned = OwnedEnv::new();
         let saved = owned.save(reference);
         BeamReply {
-            pid: env.pid(),
-            env: owned,
-            reference: saved,
+            to: Some((env.pid(), owned, saved)),
         }
     }
-}
 
-impl ReplySink for BeamReply {
-    fn deliver(self: Box<Self>, delivery: Delivery) {
+    fn send(&mut self, delivery: Delivery) {
+        let Some((pid, mut env, reference)) = self.to.take() else {
+            return;
+        };
         off_scheduler(move || {
-            let BeamReply {
-                pid,
-                mut env,
-                reference,
-            } = *self;
             let _ = env.send_and_clear(&pid, |env| {
                 let r = reference.load(env);
                 let payload = match &delivery {
@@ -88,6 +84,23 @@ impl ReplySink for BeamReply {
                 (r, payload)
             });
         });
+    }
+}
+
+impl ReplySink for BeamReply {
+    fn deliver(mut self: Box<Self>, delivery: Delivery) {
+        self.send(delivery);
+    }
+
+    fn discard(mut self: Box<Self>) {
+        self.to = None;
+    }
+}
+
+impl Drop for BeamReply {
+    fn drop(&mut self) {
+        let gone = PoolError::CheckoutFailed("the pool stopped before answering".into());
+        self.send(Delivery::Reply(Err(gone)));
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Delivery {
 /// Where a [`Delivery`] goes: a BEAM process in production, a channel in tests.
 pub trait ReplySink: Send + 'static {
     fn deliver(self: Box<Self>, delivery: Delivery);
+
+    /// Drops a sink that will never be needed (a checkout served at once), without a reply.
+    fn discard(self: Box<Self>) {}
 }
 
 /// Worker logs and lifecycle events for the pool's owner.
@@ -512,10 +515,13 @@ impl Shared {
         owner: Owner,
         fx: &mut Effects,
     ) -> Result<Acquired, PoolError> {
+        // Errors returned here are the NIF's return value: the sink must not answer too.
         if st.closed {
+            reply.discard();
             return Err(PoolError::CheckoutFailed("the pool is stopping".into()));
         }
         if let Some(err) = self.start_failure(st) {
+            reply.discard();
             return Err(err);
         }
         let now = Instant::now();
@@ -530,6 +536,7 @@ impl Shared {
             match (home, home_alive, *strict) {
                 (Some(_), false, true) => {
                     record.home = None;
+                    reply.discard();
                     return Err(PoolError::SessionLost(id.to_string()));
                 }
                 (Some(h), true, _) => {
@@ -631,7 +638,12 @@ impl Shared {
                 let reply = entry.reply.take().expect("checkout lease has a reply sink");
                 fx.deliveries.push((reply, Delivery::Assigned));
             }
-            None => {}
+            // Served at once: the NIF's return value says so, no message is due.
+            None => {
+                if let Some(reply) = entry.reply.take() {
+                    reply.discard();
+                }
+            }
         }
     }
 
@@ -646,17 +658,20 @@ impl Shared {
         let wid = match st.leases.get(&lease).map(|l| &l.state) {
             Some(LeaseState::Holding { worker }) => *worker,
             _ => {
+                reply.discard();
                 return Err(PoolError::CheckoutFailed(
                     "this checkout holds no worker (checked in, or its worker was recycled)".into(),
-                ))
+                ));
             }
         };
         if !st.workers.get(&wid).is_some_and(|w| w.live()) {
+            reply.discard();
             return Err(PoolError::CheckoutFailed(
                 "this checkout's worker was recycled (a request timed out or failed); check in and check out again".into(),
             ));
         }
         if !st.workers[&wid].inflight.is_empty() {
+            reply.discard();
             return Err(PoolError::CheckoutFailed(
                 "a request is already in flight on this checkout".into(),
             ));
