@@ -765,12 +765,12 @@ impl Shared {
         fx: &mut Effects,
     ) {
         if st.leases.get(&lease).is_some_and(|l| !l.checkout) {
-            self.end_lease(st, lease, fx);
+            self.end_lease(st, lease);
             self.worker_free(st, wid, fx);
         }
     }
 
-    fn end_lease(&self, st: &mut State, lease: LeaseId, _fx: &mut Effects) {
+    fn end_lease(&self, st: &mut State, lease: LeaseId) {
         st.leases.remove(&lease);
     }
 
@@ -969,7 +969,6 @@ impl Shared {
         if w.status == Status::Dead {
             return;
         }
-        let was = w.status;
         w.status = Status::Dead;
         w.deadline = None;
         st.counters.recycled += 1;
@@ -986,7 +985,6 @@ impl Shared {
             }
         }
         // A checkout that loses its worker stays Holding it: `call` then reports it has none.
-        let _ = was;
         self.lose_sessions(st, wid, fx);
     }
 
@@ -1030,7 +1028,7 @@ impl Shared {
             fx.deliveries.push((reply, Delivery::Reply(Err(err))));
         }
         if !entry.checkout {
-            self.end_lease(st, lease, fx);
+            self.end_lease(st, lease);
         }
     }
 
@@ -1098,7 +1096,7 @@ impl Shared {
                     let queued: Vec<LeaseId> = st.queue.drain(..).collect();
                     for lease in queued {
                         self.fail_request(&mut st, lease, err.clone(), &mut fx);
-                        self.end_lease(&mut st, lease, &mut fx);
+                        self.end_lease(&mut st, lease);
                     }
                 }
             }
@@ -1509,7 +1507,7 @@ impl Shared {
                 PoolError::PoolTimeout(waited.as_millis() as u64),
                 fx,
             );
-            self.end_lease(st, lease, fx);
+            self.end_lease(st, lease);
         }
         while let Some(wid) = self.pick_idle(st) {
             let ready = st.queue.iter().position(|l| {
@@ -1582,7 +1580,7 @@ impl Shared {
                     PoolError::CheckoutFailed("the pool is stopping".into()),
                     &mut fx,
                 );
-                self.end_lease(&mut st, lease, &mut fx);
+                self.end_lease(&mut st, lease);
             }
             let ids: Vec<WorkerId> = st.workers.keys().copied().collect();
             for wid in ids {
