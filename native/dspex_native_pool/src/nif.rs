@@ -524,7 +524,8 @@ fn keyed<'a>(env: Env<'a>, pairs: &[(Atom, Term<'a>)]) -> Vec<(Term<'a>, Term<'a
 }
 
 /// The JSON text the pool would send for `term` (tests and benchmarks of the conversion).
-#[rustler::nif]
+/// On a dirty scheduler: a large term takes milliseconds.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn json_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
     match encode_args(term, usize::MAX) {
         Args::Json(bytes) => {
@@ -537,8 +538,8 @@ fn json_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
     }
 }
 
-/// The term the pool would deliver for the JSON text `json`.
-#[rustler::nif]
+/// The term the pool would deliver for the JSON text `json`. On a dirty scheduler too.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn json_decode<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
     match crate::term::json_to_term(env, json.as_slice()) {
         Ok(term) => (atoms::ok(), term).encode(env),
