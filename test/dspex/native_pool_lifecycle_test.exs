@@ -26,6 +26,23 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
     eventually(fn -> status(opts).ready == 2 end)
   end
 
+  test "many checkouts leave one monitor per process, and Process.info(:monitored_by) works" do
+    # One resource monitor per checkout used to pile up here, and on OTP 25.1
+    # Process.info(pid, :monitored_by) (observer, recon, crash reports) then aborted the VM.
+    opts = start_pool(pool_size: 1)
+    {:monitored_by, before} = Process.info(self(), :monitored_by)
+
+    for _ <- 1..5_000 do
+      {:ok, checkout} = NativePool.checkout(:anonymous, opts)
+      :ok = NativePool.checkin(checkout)
+    end
+
+    {:monitored_by, now} = Process.info(self(), :monitored_by)
+    assert length(now) <= length(before) + 1
+    {:monitored_by, _} = Process.info(self(), :monitored_by)
+    assert {:ok, _} = NativePool.execute_anonymous(:ping, %{}, opts)
+  end
+
   test "worker stderr reaches Logger with the worker id as metadata" do
     opts = start_pool(pool_size: 1)
     test = self()

@@ -23,6 +23,9 @@ defmodule Mix.Tasks.DspexNativePool.Bench do
     * `--concurrency 1,4,16,64,256` - client counts of scenario 2
     * `--out PATH` - the report (default: `bench/RESULTS.md`)
     * `--no-cargo` - skip the Rust framing benchmark
+    * `--wait-quiet SECONDS` - before each scenario, wait up to this long for other processes
+      to use under 5% of the machine (default: 5 with `--quick`, else 120; 0 disables). The
+      report says how much CPU other processes used during each part either way.
 
   The machinery lives in `bench/` and is compiled only when this task runs. poolboy is
   Debian's `erlang-poolboy` (installed with apt-get when missing), not a mix dependency.
@@ -36,10 +39,11 @@ defmodule Mix.Tasks.DspexNativePool.Bench do
     sizes: :string,
     concurrency: :string,
     out: :string,
-    no_cargo: :boolean
+    no_cargo: :boolean,
+    wait_quiet: :integer
   ]
 
-  @bench_files ~w(support baselines impls scenarios report runner)
+  @bench_files ~w(support json baselines impls scenarios report runner)
 
   @impl Mix.Task
   def run(args) do

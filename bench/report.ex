@@ -1,0 +1,560 @@
+defmodule DSPexBench.Report do
+  @moduledoc false
+  # Markdown for the terminal and for bench/RESULTS.md.
+
+  alias DSPexBench.{Fmt, Impls, Stats}
+
+  @pools [:native, :v2, :v1, :poolboy]
+  @baselines [:v2, :v1, :poolboy]
+
+  def title(1), do: "sequential ping latency from one process"
+  def title(2), do: "throughput and latency: pool_size x client concurrency"
+  def title(3), do: "32 requests sleeping 50 ms in Python, concurrency 32, pool_size 8"
+  def title(4), do: "checkout + checkin with no Python call"
+  def title(5), do: "10,000 processes queued on a pool of 2"
+  def title(6), do: "DSPy workers: start-up, RSS, Predict executions/s"
+  def title(7), do: "term <-> JSON conversion and 1 MiB payloads (extra)"
+
+  # ---- sections -----------------------------------------------------------------------------
+
+  def section_with_cpu(n, r, cfg), do: section(n, r, cfg) <> cpu_line(r[:cpu])
+
+  @doc "How busy the machine was outside the bench (neighbours, other test runs), and steal."
+  def cpu_line(nil), do: ""
+
+  def cpu_line(c) do
+    warn =
+      if c.foreign > 0.05 or c.steal > 0.05,
+        do: " **(noisy: figures of this part are less reliable)**",
+        else: ""
+
+    "CPU during this part: the bench and its Python processes #{Fmt.pct(c.own)} of the machine, " <>
+      "other processes #{Fmt.pct(c.foreign)}, stolen by the hypervisor #{Fmt.pct(c.steal)}#{warn}.\n"
+  end
+
+  def section(n, %{failed: why}, _cfg), do: "### #{n}. #{title(n)}\n\n**Failed:** #{why}\n"
+  def section(n, %{skipped: why}, _cfg), do: "### #{n}. #{title(n)}\n\n**Skipped:** #{why}\n"
+
+  def section(1, r, _cfg) do
+    """
+    ### 1. #{title(1)}
+
+    `ping` on the test worker, pool_size 1, one process calling back to back; every path in interleaved rounds (µs). The per-round ratio compares each round's median with the bare Port's in the same round (the target uses it). Run twice: threads and processes placed by the OS on the #{:erlang.system_info(:logical_processors)} CPUs, then the whole VM and every Python it starts pinned to one CPU (taskset): no wake-up crosses CPUs there, but a scheduler thread spinning for work delays Python on the same CPU.
+
+    #{s1_table("OS placement", r.os)}
+    #{s1_table("one CPU", r.one_cpu)}
+    """
+  end
+
+  def section(2, %{data: sizes}, cfg) do
+    Enum.map_join(sizes, "\n", fn %{size: size, cells: cells, raw: raw} = block ->
+      raw_at = fn depth -> Enum.find_value(raw, &(&1["depth"] == depth && &1["throughput"])) end
+      raw1 = raw_at.(1)
+      raw32 = raw_at.(32)
+
+      summary =
+        Enum.map(cfg.concurrency, fn c ->
+          nat = cells[{:native, c}]
+          best = best_baseline(cells, c)
+
+          [c, Fmt.kops(nat.throughput)] ++
+            Enum.map(@baselines, &Fmt.kops(cells[{&1, c}].throughput)) ++
+            [
+              Fmt.ratio(Stats.ratio(nat.throughput, elem(best, 1))),
+              Fmt.kops(raw1),
+              Fmt.kops(raw32),
+              Fmt.pct(Stats.ratio(nat.throughput, raw32)),
+              errors(cells, c)
+            ]
+        end)
+
+      lat =
+        Enum.map(cfg.concurrency, fn c ->
+          [
+            c
+            | Enum.map(@pools, fn k ->
+                "#{Fmt.num(cells[{k, c}].lat.p50)} / #{Fmt.num(cells[{k, c}].lat.p99)}"
+              end)
+          ]
+        end)
+
+      """
+      #### pool_size #{size}
+
+      Throughput (requests/s, `ping`), closed loop: median of #{cfg.s2_reps} repetitions (the pools interleaved) of #{cfg.s2_ms} ms measured after #{cfg.s2_warmup_ms} ms warm-up; latency over all repetitions. Raw Python: one parent, #{size} workers, 1 or 32 requests in flight per worker.
+
+      #{Fmt.table(["clients", "NativePool", "V2", "V1", "poolboy", "Native / best baseline", "raw depth 1", "raw depth 32", "Native / raw 32", "errors"], summary)}
+      Latency p50 / p99 (µs):
+
+      #{Fmt.table(["clients" | Enum.map(@pools, &Impls.label/1)], lat)}
+      #{cpu_line(block[:cpu])}
+      """
+    end)
+    |> then(&"### 2. #{title(2)}\n\n#{&1}")
+  end
+
+  def section(3, r, _cfg) do
+    rows =
+      Enum.map(@pools, fn k ->
+        s = r[k]
+        [Impls.label(k), s.wall_ms, Fmt.ratio(s.wall_ms / 200), s.lat.p50, s.lat.p99, s.lat.max]
+      end)
+
+    """
+    ### 3. #{title(3)}
+
+    Ideal: 4 waves of 8 = 200 ms. Wall time is the median over runs; latency per request (ms).
+
+    #{Fmt.table(["pool", "wall ms", "vs ideal", "p50 ms", "p99 ms", "max ms"], rows)}
+    """
+  end
+
+  def section(4, r, _cfg) do
+    kinds = [:native, :v2, :poolboy]
+
+    un =
+      for k <- kinds, v <- [:plain, :receive] do
+        s = r.uncontended[{k, v}]
+        label = if v == :plain, do: "plain loop", else: "`receive` after each batch"
+        [Impls.label(k), label, s.median, s.mean, s.p99, s.min]
+      end
+
+    co =
+      Enum.map(kinds, fn k ->
+        s = r.contended[k]
+
+        [
+          "#{Impls.label(k)}",
+          "#{s.ops}/#{s.expected}",
+          Fmt.kops(s.throughput),
+          s.lat.p50,
+          s.lat.p99,
+          s.lat.max
+        ]
+      end)
+
+    """
+    ### 4. #{title(4)}
+
+    pool_size #{r.size}. Uncontended: one process, batches of 1,000 checkout+checkin (µs per pair; median, p99 and min over batches; the mean is the amortised cost, including the batches in which the process's garbage collection frees the dropped checkouts, whose resources and monitors are destroyed then). The loop runs twice: plain (the target's figure), and entering an empty `receive ... after 0` after each batch, which lets the process handle its pending signals; a large difference means signals piled up in a process that never receives. V2 includes the two `Port.connect` of its checkout/checkin.
+
+    #{Fmt.table(["pool", "loop", "median µs", "mean µs (amortised)", "p99 µs (batch)", "min µs (batch)"], un)}
+    With #{r.waiters} processes checking out and in at once (latency includes the wait for a worker):
+
+    #{Fmt.table(["pool", "done", "pairs/s", "p50 µs", "p99 µs", "max µs"], co)}
+    """
+  end
+
+  def section(5, r, _cfg) do
+    rows =
+      Enum.map(@pools, fn k ->
+        s = r[k]
+
+        [
+          Impls.label(k),
+          "#{s.ok}/#{s.n}",
+          s.submitted_ms,
+          s.total_ms,
+          Fmt.kops(s.n / (s.total_ms / 1000)),
+          s.out_of_order,
+          s.max_overtaken
+        ]
+      end)
+
+    """
+    ### 5. #{title(5)}
+
+    Each process is spawned once the previous one is blocked waiting for its reply (so arrival order is known) and sends one `stats` request, whose reply names the worker and how many requests it had served: the order of service on each worker. "Out of order" counts requests a worker served after one that arrived later (0 for FIFO service); "max overtaken" is by how many arrivals. Scheduler figures for this scenario are in the scheduler table below.
+
+    #{Fmt.table(["pool", "served ok", "all queued after ms", "all served after ms", "req/s", "out of order", "max overtaken"], rows)}
+    """
+  end
+
+  def section(6, r, _cfg) do
+    seq = Map.new(r.sequential, &{&1.n, &1.start_ms})
+
+    starts =
+      Enum.map(r.starts, fn s ->
+        [
+          s.n,
+          s.workers,
+          s.start_ms,
+          seq[s.n],
+          s.rss_kib.median && s.rss_kib.median / 1024,
+          s.rss_kib.max && s.rss_kib.max / 1024
+        ]
+      end)
+
+    e = r.execute
+
+    """
+    ### 6. #{title(6)}
+
+    `start_link(lazy: false)` returns once every worker answered a ping. RSS is VmRSS of each worker (`get_pool_status().worker_pids`) right after start-up. "One after another" is the V2/NimblePool init pattern (each worker started and pinged in turn), measured in the same run where enabled.
+
+    #{Fmt.table(["workers", "ready", "NativePool ms to ready", "one after another ms", "RSS/worker MiB (median)", "RSS max MiB"], starts)}
+    Predict on the dummy LM, pool_size #{e.pool_size}, #{e.concurrency} clients (one session each), closed loop: **#{Fmt.num(e.throughput)} executions/s**, p50 #{Fmt.num(e.lat.p50)} µs, p99 #{Fmt.num(e.lat.p99)} µs, errors #{e.errors}#{if e.first_error, do: " (first: `#{inspect(e.first_error)}`)", else: ""}, session restores #{e.restores}.
+    """
+  end
+
+  def section(7, r, _cfg) do
+    conv =
+      Enum.map(r.conversion, fn c ->
+        [c.label, c.bytes, c.encode.median, c.encode.max, c.decode.median, c.decode.max]
+      end)
+
+    echo =
+      Enum.map(r.echo, fn e ->
+        [
+          e.label,
+          e.port.median,
+          e.native.median,
+          Fmt.ratio(Stats.ratio(e.native.median, e.port.median)),
+          e.native.max
+        ]
+      end)
+
+    """
+    ### 7. #{title(7)}
+
+    The pool's conversion NIFs called from Elixir, µs: `json_encode` is the term -> JSON encoding of `execute`'s arguments (which `execute` starts on the calling scheduler and moves to a dirty scheduler past a size budget); `json_decode` is the JSON -> term conversion of replies (done on the pool's threads). How the helper NIFs are scheduled (normal or dirty scheduler) is part of these figures: for small payloads they mostly measure it.
+
+    #{Fmt.table(["payload", "JSON bytes", "encode median", "encode max", "decode median", "decode max"], conv)}
+    `echo` of the same payloads through the test worker (µs; both directions carry ~1 MiB; the bare Port converts JSON in Elixir, as DSPex did):
+
+    #{Fmt.table(["payload", "bare Port median", "NativePool median", "ratio", "NativePool max"], echo)}
+    """
+  end
+
+  defp s1_table(label, %{skipped: why}), do: "#### #{label}\n\nSkipped: #{why}\n"
+
+  defp s1_table(label, r) do
+    port = r.stats[:port].median
+
+    rows =
+      Enum.map([:port | @pools], fn k ->
+        s = r.stats[k]
+
+        [
+          Impls.label(k),
+          s.median,
+          pct10(s),
+          s.p99,
+          s.mean,
+          Fmt.ratio(Stats.ratio(s.median, port)),
+          Fmt.ratio(r.round_ratios[k])
+        ]
+      end)
+
+    raw =
+      for {l, raw} <- [
+            {"raw Python parent (OS placement)", r.raw},
+            {"raw Python parent (one CPU)", r.raw_one_cpu}
+          ],
+          raw != nil do
+        [
+          l,
+          raw["median_us"],
+          "",
+          raw["p99_us"],
+          raw["mean_us"],
+          Fmt.ratio(Stats.ratio(raw["median_us"], port)),
+          ""
+        ]
+      end
+
+    """
+    #### #{label} (#{r.iters} calls per path)
+
+    #{Fmt.table(["path", "median µs", "p10 µs", "p99 µs", "mean µs", "median vs bare Port", "per-round ratio (median)"], rows ++ raw)}
+    """
+  end
+
+  defp pct10(s), do: s.p10
+
+  def cargo(nil), do: ""
+  def cargo(%{failed: why}), do: "### Framing (cargo bench)\n\n**Failed:** #{why}\n"
+
+  def cargo(%{table: table, quick: quick}) do
+    """
+    ### Framing and JSON (cargo bench --bench framing#{if quick, do: " -- --quick", else: ""})
+
+    Median ns per operation (`native/dspex_native_pool/benches/framing.rs`); `ref:` rows are serde_json alone.
+
+    #{table}
+    """
+  end
+
+  # ---- schedulers ---------------------------------------------------------------------------
+
+  def schedulers(monitor) do
+    rows =
+      monitor
+      |> Enum.group_by(fn {phase, _} -> group(phase) end)
+      |> Enum.sort()
+      |> Enum.map(fn {g, phases} ->
+        events = Enum.flat_map(phases, fn {_, p} -> p.long end)
+        worst = Enum.max_by(events, & &1.ms, fn -> nil end)
+        late = phases |> Enum.map(fn {_, p} -> p.probe_max_late_us end) |> Enum.max()
+
+        [
+          g,
+          length(events),
+          if(worst, do: worst.ms, else: 0),
+          if(worst, do: "`#{worst.who}` in #{loc(worst.in)} out #{loc(worst.out)}", else: "–"),
+          Fmt.num(late / 1000)
+        ]
+      end)
+
+    lib =
+      monitor
+      |> Enum.flat_map(fn {phase, p} -> Enum.map(p.long, &{phase, &1}) end)
+      |> Enum.filter(fn {_, e} -> library?(e.in) or library?(e.out) end)
+      |> Enum.sort_by(fn {_, e} -> -e.ms end)
+      |> Enum.take(10)
+      |> Enum.map(fn {phase, e} -> [inspect(phase), e.ms, "`#{e.who}`", loc(e.in), loc(e.out)] end)
+
+    lib_table =
+      if lib == [],
+        do: "No long_schedule event was in the library's code.\n",
+        else:
+          "Events in the library's code (worst 10):\n\n" <>
+            Fmt.table(["phase", "ms", "process", "in", "out"], lib)
+
+    """
+    ### Scheduler responsiveness
+
+    `:erlang.system_monitor(pid, long_schedule: 1)` over the whole run (1 ms is its finest threshold), grouped by scenario and path; and the worst wake-up lateness of a `:high`-priority probe sleeping 1 ms in a loop (ms; under full load this includes the OS running Python on both cores).
+
+    #{Fmt.table(["phase", "long_schedule events", "max ms", "worst event", "probe max late ms"], rows)}
+    #{lib_table}
+    """
+  end
+
+  defp group(phase) when is_tuple(phase) do
+    case Tuple.to_list(phase) do
+      [:s7, :echo, kind | _] -> "s7 echo #{kind}"
+      [:s1, kind, placement] -> "s1 #{kind} (#{placement})"
+      [s, kind | _] -> "#{s} #{kind}"
+      [s] -> "#{s}"
+    end
+  end
+
+  defp group(phase), do: "#{phase}"
+
+  defp loc({m, f, a}), do: "`#{inspect(m)}.#{f}/#{a}`"
+  defp loc(other), do: "`#{inspect(other)}`"
+
+  @doc "Long-schedule events whose location is the library (its Elixir modules or its NIFs)."
+  def library_events(monitor) do
+    monitor
+    |> Enum.flat_map(fn {_, p} -> p.long end)
+    |> Enum.filter(fn e -> library?(e.in) or library?(e.out) end)
+  end
+
+  defp library?({m, _, _}) do
+    name = Atom.to_string(m)
+
+    String.starts_with?(name, "Elixir.DSPex.NativePool") or
+      String.starts_with?(name, "Elixir.DSPex.PythonBridge")
+  end
+
+  defp library?(_), do: false
+
+  # ---- targets ----------------------------------------------------------------------------
+
+  def targets(results, monitor) do
+    rows =
+      [
+        t_ping(results[1]),
+        t_best(results[2]),
+        t_ceiling(results[2]),
+        t_checkout(results[4]),
+        t_sched(monitor)
+      ]
+      |> Enum.reject(&is_nil/1)
+
+    """
+    ### Targets (2 cores, each figure against a baseline of the same run)
+
+    #{Fmt.table(["target", "measured", "verdict"], rows)}
+    """
+  end
+
+  defp ok(true), do: "**met**"
+  defp ok(false), do: "**missed**"
+
+  defp t_ping(%{os: os, one_cpu: one}) do
+    runs =
+      for {l, %{stats: s, round_ratios: rr}} <- [{"OS placement", os}, {"one CPU", one}],
+          do: {l, s, rr.native}
+
+    [
+      "sequential ping <= 1.15x bare Port",
+      Enum.map_join(runs, "; ", fn {l, s, r} ->
+        "#{l}: #{Fmt.num(s.native.median)} µs vs #{Fmt.num(s.port.median)} µs, per-round ratio #{Fmt.ratio(r)}"
+      end),
+      runs |> Enum.map(fn {l, _, r} -> "#{l} #{ok(r <= 1.15)}" end) |> Enum.join(", ")
+    ]
+  end
+
+  defp t_ping(_), do: nil
+
+  defp t_best(%{data: sizes}) when is_list(sizes) do
+    cells =
+      for %{size: size, cells: cells} <- sizes,
+          {{:native, c}, nat} <- cells do
+        {b, best} = best_baseline(cells, c)
+        {size, c, nat.throughput / best, b}
+      end
+
+    misses = Enum.filter(cells, fn {_, _, r, _} -> r < 1.0 end)
+    {_, _, worst, _} = Enum.min_by(cells, &elem(&1, 2))
+
+    measured =
+      "#{length(cells) - length(misses)}/#{length(cells)} cells; worst #{Fmt.ratio(worst)}" <>
+        if misses == [],
+          do: "",
+          else:
+            "; below: " <>
+              Enum.map_join(misses, ", ", fn {s, c, r, b} ->
+                "size #{s} x #{c} clients #{Fmt.ratio(r)} of #{b}"
+              end)
+
+    ["throughput >= best baseline pool at every concurrency", measured, ok(misses == [])]
+  end
+
+  defp t_best(_), do: nil
+
+  defp t_ceiling(%{data: sizes}) when is_list(sizes) do
+    cells =
+      for %{size: size, cells: cells, raw: raw} <- sizes do
+        top = cells |> Map.keys() |> Enum.map(&elem(&1, 1)) |> Enum.max()
+        raw32 = Enum.find_value(raw, &(&1["depth"] == 32 && &1["throughput"]))
+        {size, top, Stats.ratio(cells[{:native, top}].throughput, raw32)}
+      end
+
+    measured =
+      Enum.map_join(cells, ", ", fn {s, c, r} -> "size #{s} (#{c} clients): #{Fmt.pct(r)}" end)
+
+    [
+      "saturation >= 85% of raw-Python pipelined ceiling",
+      measured,
+      ok(Enum.all?(cells, fn {_, _, r} -> r && r >= 0.85 end))
+    ]
+  end
+
+  defp t_ceiling(_), do: nil
+
+  defp t_checkout(%{uncontended: u}) do
+    n = u[{:native, :plain}]
+    nr = u[{:native, :receive}]
+    v2 = u[{:v2, :plain}]
+    pb = u[{:poolboy, :plain}]
+
+    [
+      "checkout+checkin <= 2 µs uncontended",
+      "plain loop: median #{Fmt.num(n.median)} µs, amortised mean #{Fmt.num(n.mean)} µs " <>
+        "(V2 #{Fmt.num(v2.median)} / #{Fmt.num(v2.mean)}, poolboy #{Fmt.num(pb.median)} / #{Fmt.num(pb.mean)}); " <>
+        "with a `receive` per 1,000: #{Fmt.num(nr.median)} / #{Fmt.num(nr.mean)} µs",
+      "median #{ok(n.median <= 2.0)}, amortised #{ok(n.mean <= 2.0)}"
+    ]
+  end
+
+  defp t_checkout(_), do: nil
+
+  defp t_sched(monitor) do
+    lib = library_events(monitor)
+    max_ms = fn events -> events |> Enum.map(& &1.ms) |> Enum.max(fn -> 0 end) end
+
+    # Same-run context: events while the baseline pools carried the same traffic (scenarios
+    # 1-5), wherever they were. On an oversubscribed machine the OS preempting a scheduler
+    # thread shows as long_schedule too, whatever code it was running.
+    base =
+      monitor
+      |> Enum.filter(fn {phase, _} -> traffic?(phase, [:port, :v2, :v1, :poolboy]) end)
+      |> Enum.flat_map(fn {_, p} -> p.long end)
+
+    native =
+      monitor
+      |> Enum.filter(fn {phase, _} -> traffic?(phase, [:native]) end)
+      |> Enum.flat_map(fn {_, p} -> p.long end)
+
+    [
+      "no scheduler blocked > 1 ms by this library",
+      "#{length(lib)} long_schedule events located in the library (max #{max_ms.(lib)} ms). " <>
+        "Scenarios 1-5, any location: #{length(native)} while NativePool ran (max #{max_ms.(native)} ms), " <>
+        "#{length(base)} while the baselines ran (max #{max_ms.(base)} ms)",
+      ok(lib == [])
+    ]
+  end
+
+  defp traffic?(phase, kinds) when is_tuple(phase) do
+    case Tuple.to_list(phase) do
+      [s, kind | _] when s in [:s1, :s2, :s3, :s4, :s5] -> kind in kinds
+      _ -> false
+    end
+  end
+
+  defp traffic?(_, _), do: false
+
+  defp best_baseline(cells, c) do
+    @baselines
+    |> Enum.map(&{&1, cells[{&1, c}].throughput})
+    |> Enum.max_by(&elem(&1, 1))
+  end
+
+  defp errors(cells, c) do
+    case Enum.map(@pools, &cells[{&1, c}].errors) |> Enum.sum() do
+      0 ->
+        "0"
+
+      n ->
+        "#{n}: " <>
+          (Enum.find_value(@pools, &cells[{&1, c}].first_error)
+           |> inspect()
+           |> String.slice(0, 80))
+    end
+  end
+
+  # ---- the whole report -------------------------------------------------------------------
+
+  def render(cfg, info, results, monitor, cargo, elapsed_s) do
+    notes =
+      case File.read("bench/NOTES.md") do
+        {:ok, text} -> "\n## Analysis (bench/NOTES.md, written by hand)\n\n" <> text
+        _ -> ""
+      end
+
+    sections =
+      results
+      |> Enum.sort()
+      |> Enum.map_join("\n", fn {n, r} -> section_with_cpu(n, r, cfg) end)
+
+    """
+    # dspex_native_pool benchmark results
+
+    Generated by `mix dspex_native_pool.bench#{if cfg.quick, do: " --quick", else: ""}` on #{info.date} in #{:erlang.float_to_binary(elapsed_s, decimals: 0)} s.
+
+    | | |
+    |---|---|
+    | CPUs | #{info.cpus} (#{info.cpu_model}), #{info.schedulers} schedulers online |
+    | OTP / Elixir | #{info.otp} / #{info.elixir} |
+    | Python | #{info.python} (`#{info.python_path}`), orjson #{info.orjson || "absent"} |
+    | Rust | #{info.rustc} |
+    | Kernel | #{info.kernel} |
+    | Commit | #{info.commit}#{if info.dirty, do: " (working tree has uncommitted changes)", else: ""} |
+    | Worker | `test/support/test_worker.py` for scenarios 1-5 and 7, for every path |
+
+    Paths: **NativePool** (this library); **bare Port** (a Port owned by the caller: the floor on the BEAM); **V2** (SessionPoolV2 + PoolWorkerV2 on a NimblePool-equivalent pool process that hands the Port to the caller, with the connect-back fix of CONTRACT §6.5); **V1** (SessionPool V1: every call is a `GenServer.call` to one manager that checks out and waits for the reply itself); **poolboy** (Debian's erlang-poolboy, GenServer workers each owning a Port); **raw Python** (`bench/raw_floor.py`: a Python parent doing framed JSON round trips to the same worker script over pipes, no BEAM). Baselines (bare Port included) encode and decode JSON in the calling process with `DSPexBench.JSON`, a small pure-Elixir codec of the kind Jason is (DSPex used Jason): ~0.4 µs to encode a request and ~4 µs to decode a ping reply.
+
+    #{targets(results, monitor)}
+    ## Scenarios
+
+    #{sections}
+    #{schedulers(monitor)}
+    #{cargo(cargo)}
+    #{notes}
+    """
+  end
+end

@@ -1,0 +1,163 @@
+defmodule DSPexBench.Runner do
+  @moduledoc false
+  # Runs the scenarios of `mix dspex_native_pool.bench`, prints each section as it completes
+  # and writes the markdown report.
+
+  alias DSPexBench.{Env, Impls, Monitor, Report, Scenarios}
+
+  @all [1, 2, 3, 4, 5, 6, 7]
+
+  def config(opts) do
+    quick = Keyword.get(opts, :quick, false)
+    pick = fn q, f -> if quick, do: q, else: f end
+
+    %{
+      quick: quick,
+      scenarios: ints(opts[:scenarios]) || @all,
+      sizes: ints(opts[:sizes]) || pick.([2, 8], [1, 2, 4, 8]),
+      concurrency: ints(opts[:concurrency]) || pick.([1, 16, 256], [1, 4, 16, 64, 256]),
+      out: opts[:out] || "bench/RESULTS.md",
+      cargo: not Keyword.get(opts, :no_cargo, false),
+      wait_quiet: Keyword.get(opts, :wait_quiet, pick.(5, 120)),
+      python: Env.python(),
+      script: Env.test_worker(),
+      s1_iters: pick.(2_000, 20_000),
+      s1_rounds: pick.(8, 20),
+      s1_warmup: pick.(200, 1_000),
+      s2_ms: pick.(250, 1_000),
+      s2_reps: pick.(2, 3),
+      s2_warmup_ms: pick.(100, 200),
+      s3_reps: pick.(1, 5),
+      s4_ops: pick.(20_000, 200_000),
+      s4_waiters: 1_000,
+      s4_each: pick.(5, 50),
+      s5_procs: 10_000,
+      dspy_ns: pick.([1, 4], [1, 4, 8, 16]),
+      dspy_seq_ns: pick.([], [1, 4, 8]),
+      dspy_exec_size: pick.(4, 8),
+      dspy_exec_ms: pick.(2_000, 5_000),
+      s7_big_iters: pick.(10, 40)
+    }
+  end
+
+  defp ints(nil), do: nil
+
+  defp ints(text) do
+    text
+    |> String.split(",", trim: true)
+    |> Enum.map(&(&1 |> String.trim() |> String.to_integer()))
+  end
+
+  def run(opts) do
+    cfg = config(opts)
+    Logger.configure(level: :warning)
+    t0 = System.monotonic_time(:millisecond)
+    info = Env.info(cfg.python)
+
+    IO.puts(
+      "dspex_native_pool bench (#{if cfg.quick, do: "quick", else: "full"}): scenarios " <>
+        "#{Enum.join(cfg.scenarios, ",")}, #{info.cpus} CPUs, OTP #{info.otp}, " <>
+        "Elixir #{info.elixir}, #{info.python}\n"
+    )
+
+    :ok = Monitor.start()
+
+    results =
+      try do
+        for n <- cfg.scenarios, into: %{} do
+          IO.puts("== scenario #{n}: #{Report.title(n)}")
+          quiet(cfg)
+          c0 = Env.cpu_snapshot()
+          w0 = System.monotonic_time(:millisecond)
+          r = run_scenario(n, cfg)
+          cpu = Env.cpu_foreign(c0, Env.cpu_snapshot(), System.monotonic_time(:millisecond) - w0)
+          r = if is_map(r), do: Map.put(r, :cpu, cpu), else: %{data: r, cpu: cpu}
+          IO.puts(Report.section_with_cpu(n, r, cfg))
+          {n, r}
+        end
+      after
+        Impls.stop_all()
+      end
+
+    monitor = Monitor.stop()
+    IO.puts(Report.schedulers(monitor))
+
+    cargo =
+      if cfg.cargo do
+        IO.puts("== cargo bench (framing)")
+        c = cargo_bench(cfg)
+        IO.puts(Report.cargo(c))
+        c
+      end
+
+    elapsed_s = (System.monotonic_time(:millisecond) - t0) / 1000
+    report = Report.render(cfg, info, results, monitor, cargo, elapsed_s)
+    File.mkdir_p!(Path.dirname(cfg.out))
+    File.write!(cfg.out, report)
+    IO.puts(Report.targets(results, monitor))
+    IO.puts("wrote #{cfg.out} (#{:erlang.float_to_binary(elapsed_s, decimals: 0)} s)")
+  end
+
+  defp quiet(%{wait_quiet: 0}), do: :ok
+
+  defp quiet(cfg) do
+    case Env.wait_quiet(cfg.wait_quiet) do
+      {:busy, f} ->
+        IO.puts(
+          "  (other processes still use #{round(f * 100)}% of the machine after " <>
+            "#{cfg.wait_quiet} s: running anyway)"
+        )
+
+      _ ->
+        :ok
+    end
+  end
+
+  defp run_scenario(n, cfg) do
+    fun =
+      case n do
+        1 -> &Scenarios.s1_sequential/1
+        2 -> &Scenarios.s2_throughput/1
+        3 -> &Scenarios.s3_sleep/1
+        4 -> &Scenarios.s4_checkout/1
+        5 -> &Scenarios.s5_queue/1
+        6 -> &Scenarios.s6_dspy/1
+        7 -> &Scenarios.s7_payload/1
+      end
+
+    try do
+      fun.(cfg)
+    rescue
+      e ->
+        msg = Exception.format(:error, e, __STACKTRACE__)
+        IO.puts("scenario #{n} failed:\n#{msg}")
+        %{failed: Exception.message(e)}
+    catch
+      kind, reason ->
+        IO.puts("scenario #{n} failed: #{inspect({kind, reason})}")
+        %{failed: inspect({kind, reason})}
+    after
+      Impls.stop_all()
+    end
+  end
+
+  defp cargo_bench(cfg) do
+    args =
+      ["bench", "--quiet", "-p", "dspex_native_pool", "--bench", "framing", "--"] ++
+        if(cfg.quick, do: ["--quick"], else: [])
+
+    case System.cmd("cargo", args, stderr_to_stdout: true) do
+      {out, 0} ->
+        table =
+          out
+          |> String.split("\n")
+          |> Enum.filter(&String.starts_with?(&1, "|"))
+          |> Enum.join("\n")
+
+        %{table: table, quick: cfg.quick}
+
+      {out, status} ->
+        %{failed: "cargo bench exited with #{status}: #{String.slice(out, -2000, 2000)}"}
+    end
+  end
+end
