@@ -220,9 +220,7 @@ defmodule DSPex.NativePool.Server do
       status.ready >= size ->
         :ok
 
-      status.counters.start_failures > 0 and status.ready == 0 and status.starting == 0 ->
-        {:error, {:worker_start_failed, status.last_start_error}}
-
+      # An eager pool that cannot start a worker fails at once, saying why.
       status.counters.start_failures > 0 ->
         {:error, {:worker_start_failed, status.last_start_error}}
 
