@@ -317,6 +317,13 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       assert Enum.all?(status.worker_pids, &alive?/1)
     end
 
+    test "a lazy pool starts workers on demand" do
+      opts = start_pool(pool_size: 2, lazy: true)
+      assert %{ready: 0, starting: 0, worker_pids: []} = status(opts)
+      assert {:ok, _} = NativePool.execute_anonymous(:ping, %{}, opts)
+      assert %{ready: 1, worker_pids: [_]} = status(opts)
+    end
+
     test "health_check pings every free worker" do
       opts = start_pool(pool_size: 3)
       assert {:ok, :healthy} = NativePool.health_check(opts)

@@ -485,6 +485,25 @@ fn stop_fails_waiters_and_shuts_workers_down() {
                 break;
             }
         }
+        // The held worker was signalled after the grace period; none was asked to shut down.
+        let journal = h.spawner.journal.lock().unwrap().clone();
+        assert!(!journal.iter().any(|(_, c)| c == "shutdown"), "{journal:?}");
+    })
+}
+
+#[test]
+fn stop_asks_idle_workers_to_shut_down() {
+    run(async {
+        let mut h = Harness::start(config(2)).await;
+        h.pool.stop();
+        loop {
+            if h.next_event().await == Event::Stopped {
+                break;
+            }
+        }
+        let journal = h.spawner.journal.lock().unwrap().clone();
+        let shutdowns = journal.iter().filter(|(_, c)| c == "shutdown").count();
+        assert_eq!(shutdowns, 2, "{journal:?}");
     })
 }
 
