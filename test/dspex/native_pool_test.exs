@@ -290,6 +290,15 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       assert status(opts).counters.restores == 1
     end
 
+    test "idle sessions are ended after :session_ttl, their programs freed" do
+      opts = start_pool(pool_size: 1, session_ttl: 40)
+      {:ok, _} = NativePool.execute_in_session("idle", :create_program, %{id: "p"}, opts)
+      eventually(fn -> NativePool.get_session_info(opts) == [] end)
+      eventually(fn -> status(opts).native_sessions == 0 end)
+      {:ok, %{"sessions" => sessions}} = NativePool.execute_anonymous(:stats, %{}, opts)
+      assert sessions == %{}
+    end
+
     test "sessions are tracked in ETS and end_session frees their programs" do
       opts = start_pool(pool_size: 1)
       :ok = NativePool.track_session("t", opts)

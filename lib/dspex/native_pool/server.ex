@@ -26,7 +26,8 @@ defmodule DSPex.NativePool.Server do
     :affinity,
     :affinity_wait,
     :overflow_idle_timeout,
-    :shutdown_grace
+    :shutdown_grace,
+    :session_ttl
   ]
 
   @doc false
@@ -75,7 +76,15 @@ defmodule DSPex.NativePool.Server do
       affinity_wait: check(opts, :affinity_wait, 10, &non_neg_int?/1, "a time in ms"),
       overflow_idle_timeout:
         check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
-      shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms")
+      shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms"),
+      session_ttl:
+        check(
+          opts,
+          :session_ttl,
+          3_600_000,
+          &(&1 == :infinity or pos_int?(&1)),
+          "a time in ms or :infinity"
+        )
     ]
 
     if File.exists?(validated[:script]) do
@@ -185,7 +194,7 @@ defmodule DSPex.NativePool.Server do
       telemetry?: Code.ensure_loaded?(:telemetry)
     }
 
-    state = %{pool: pool, shutdown_grace: opts[:shutdown_grace]}
+    state = %{pool: pool, shutdown_grace: opts[:shutdown_grace], session_ttl: opts[:session_ttl]}
 
     case wait_until_ready(opts, state) do
       :ok ->
@@ -195,6 +204,7 @@ defmodule DSPex.NativePool.Server do
           "DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})"
         )
 
+        schedule_session_sweep(state)
         {:ok, state}
 
       {:error, reason} ->
@@ -238,9 +248,33 @@ defmodule DSPex.NativePool.Server do
   end
 
   @impl true
+  def handle_info(:sweep_sessions, state) do
+    # Sessions idle for longer than :session_ttl are ended, as SessionPoolV2 did, which also
+    # frees their programs in the workers and the pool's record of them.
+    cutoff = System.monotonic_time(:millisecond) - state.session_ttl
+
+    stale =
+      :ets.select(state.pool.table, [{{:"$1", :_, :"$2", :_}, [{:<, :"$2", cutoff}], [:"$1"]}])
+
+    for session_id <- stale do
+      Logger.debug("ending idle session #{inspect(session_id)}", pool: state.pool.name)
+      :ets.delete(state.pool.table, session_id)
+      Native.end_session(state.pool.resource, session_id)
+    end
+
+    schedule_session_sweep(state)
+    {:noreply, state}
+  end
+
   def handle_info(message, state) do
     handle_native(message, state)
     {:noreply, state}
+  end
+
+  defp schedule_session_sweep(%{session_ttl: :infinity}), do: :ok
+
+  defp schedule_session_sweep(%{session_ttl: ttl}) do
+    Process.send_after(self(), :sweep_sessions, ttl |> div(4) |> max(10) |> min(300_000))
   end
 
   defp handle_native({:dspex_native_pool_log, worker, level, line}, state) do

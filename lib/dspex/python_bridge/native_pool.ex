@@ -31,6 +31,9 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:affinity` - `:prefer` (default) or `:strict`, see "Sessions" below
     * `:affinity_wait` - how long a session waits for its busy home worker before it is
       re-created on a free one, ms (default: 10)
+    * `:session_ttl` - sessions idle for longer are ended (their programs freed in every
+      worker), checked every quarter of it up to every 5 minutes; `:infinity` keeps them
+      (default: 3_600_000, one hour, as SessionPoolV2)
     * `:shutdown_grace` - on stop, how long a worker gets after `shutdown` before SIGTERM, and
       after SIGTERM before SIGKILL, ms (default: 2_000)
 
