@@ -83,6 +83,10 @@ async fn serve(
         let reply: Option<Vec<u8>> = match cmd.as_str() {
             "ping" => ok(id, json!({"status": "ok", "worker_id": wid})),
             "echo" | "configure_lm" => ok(id, args),
+            "cleanup" => {
+                sessions.clear();
+                ok(id, json!({}))
+            }
             "cleanup_session" => {
                 sessions.remove(&sid);
                 ok(id, json!({}))

@@ -536,6 +536,8 @@ impl Shared {
             match (home, home_alive, *strict) {
                 (Some(_), false, true) => {
                     record.home = None;
+                    // Its Python state died with the worker: start afresh, everywhere.
+                    record.forget();
                     reply.discard();
                     return Err(PoolError::SessionLost(id.to_string()));
                 }
@@ -694,10 +696,12 @@ impl Shared {
         let mode = st.leases[&lease].mode.clone();
         let mut frames = Vec::new();
         let mut pending = Vec::new();
-        if let Mode::Session { id, strict: false } = &mode {
+        if let Mode::Session { id, strict } = &mode {
             let record = st.sessions.entry(id.clone()).or_default();
             let current = st.workers[&wid].sessions.get(id) == Some(&record.generation);
-            if !current && record.has_state() {
+            // A strict session is never re-created; the worker is still marked as holding it,
+            // so that end_session frees it there.
+            if !current && !strict && record.has_state() {
                 let rid = self.next_request_id();
                 let args = record.restore_args(id);
                 let generation = record.generation;
@@ -1294,6 +1298,23 @@ impl Shared {
                 ..
             } => {
                 let outcome = response.outcome;
+                if outcome.is_ok() && matches!(command.as_str(), "cleanup" | "reset_state") {
+                    // Every session this worker held is gone from it; reset_state also
+                    // forgot the global LM, which is configured again.
+                    let init: Vec<Chore> = st
+                        .init
+                        .iter()
+                        .map(|c| Chore {
+                            command: c.command,
+                            args: c.args.clone(),
+                        })
+                        .collect();
+                    let w = st.workers.get_mut(&wid).unwrap();
+                    w.sessions.clear();
+                    if command == "reset_state" {
+                        w.chores.extend(init);
+                    }
+                }
                 if let (Ok(result), true) = (&outcome, recorded) {
                     self.record(st, wid, lease, &command, &args, result, fx);
                 }

@@ -611,3 +611,51 @@ fn a_dead_owner_loses_every_lease_it_held() {
         assert_eq!((s.queued, s.open_leases, s.ready), (0, 0, 1));
     })
 }
+
+#[test]
+fn a_worker_wiped_by_cleanup_re_creates_its_sessions() {
+    run(async {
+        let h = Harness::start(config(1)).await;
+        let s = session("s");
+        let args = json!({"session_id": "s", "id": "p"});
+        h.execute(s.clone(), "create_program", args, 1000)
+            .await
+            .unwrap();
+        h.execute(Mode::Anonymous, "cleanup", json!({}), 1000)
+            .await
+            .unwrap();
+        let run_args = json!({"session_id": "s", "program_id": "p"});
+        assert!(h
+            .execute(s, "execute_program", run_args, 1000)
+            .await
+            .is_ok());
+        assert_eq!(h.pool.status().counters.restores, 1);
+    })
+}
+
+#[test]
+fn ending_a_strict_session_frees_it_on_its_worker() {
+    run(async {
+        let h = Harness::start(config(1)).await;
+        let s = Mode::Session {
+            id: "s".into(),
+            strict: true,
+        };
+        let args = json!({"session_id": "s", "id": "p"});
+        h.execute(s.clone(), "create_program", args, 1000)
+            .await
+            .unwrap();
+        h.pool.end_session("s");
+        let run_args = json!({"session_id": "s", "program_id": "p"});
+        let e = h.execute(s, "execute_program", run_args, 1000).await;
+        assert_eq!(
+            e.unwrap_err(),
+            PoolError::Python("Program not found: p".into())
+        );
+        let journal = h.spawner.journal.lock().unwrap().clone();
+        assert!(
+            journal.iter().any(|(_, c)| c == "cleanup_session"),
+            "{journal:?}"
+        );
+    })
+}

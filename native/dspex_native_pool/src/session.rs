@@ -19,6 +19,13 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// Drops everything recorded; every worker's copy becomes stale.
+    pub fn forget(&mut self) {
+        self.programs.clear();
+        self.lm = None;
+        self.generation += 1;
+    }
+
     /// Whether a fresh worker needs anything re-created to serve this session.
     pub fn has_state(&self) -> bool {
         !self.programs.is_empty() || self.lm.is_some()
