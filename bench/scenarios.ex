@@ -565,14 +565,10 @@ defmodule DSPexBench.Scenarios do
     end
   end
 
+  # One warm-up call, then `n` timed ones.
   defp time_n(f, n) do
     f.()
-
-    Enum.map(1..n, fn _ ->
-      t0 = Stats.now()
-      {:ok, _} = f.()
-      Stats.native_to_us(Stats.now() - t0)
-    end)
+    time_each(f, n)
   end
 
   # ---- raw Python floor -------------------------------------------------------------------

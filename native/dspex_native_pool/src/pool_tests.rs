@@ -87,6 +87,26 @@ impl Harness {
         fake::reply(rx.await.expect("a delivery"))
     }
 
+    /// Runs `create_program` or `execute_program` for program `program` in `mode`'s session.
+    async fn program(
+        &self,
+        mode: &Mode,
+        command: &str,
+        program: &str,
+    ) -> Result<serde_json::Value, PoolError> {
+        let session = match mode {
+            Mode::Session { id, .. } => id.to_string(),
+            Mode::Anonymous => String::new(),
+        };
+        let key = if command == "create_program" {
+            "id"
+        } else {
+            "program_id"
+        };
+        let args = json!({ "session_id": session, key: program });
+        self.execute(mode.clone(), command, args, 1000).await
+    }
+
     fn checkout(
         &self,
         pool_timeout_ms: u64,
@@ -330,23 +350,9 @@ fn a_session_finds_its_programs_after_its_worker_died() {
     run(async {
         let mut h = Harness::start(config(2)).await;
         let s = session("s1");
-        let created = h
-            .execute(
-                s.clone(),
-                "create_program",
-                json!({"session_id": "s1", "id": "p1"}),
-                1000,
-            )
-            .await;
+        let created = h.program(&s, "create_program", "p1").await;
         assert_eq!(created.unwrap()["program_id"], "p1");
-        let first = h
-            .execute(
-                s.clone(),
-                "execute_program",
-                json!({"session_id": "s1", "program_id": "p1"}),
-                1000,
-            )
-            .await;
+        let first = h.program(&s, "execute_program", "p1").await;
         let home = first.unwrap()["worker"].as_u64().unwrap();
         // Kill the home worker (anonymous calls go to the most recently used worker: home).
         let e = h
@@ -354,26 +360,12 @@ fn a_session_finds_its_programs_after_its_worker_died() {
             .await;
         assert!(matches!(e, Err(PoolError::WorkerExited(_))));
         assert_eq!(h.exited().await, home);
-        let again = h
-            .execute(
-                s.clone(),
-                "execute_program",
-                json!({"session_id": "s1", "program_id": "p1"}),
-                1000,
-            )
-            .await;
+        let again = h.program(&s, "execute_program", "p1").await;
         assert_ne!(again.unwrap()["worker"].as_u64().unwrap(), home);
         assert_eq!(h.pool.status().counters.restores, 1);
         // A deleted program is gone everywhere, ending the session frees it.
         h.pool.end_session("s1");
-        let gone = h
-            .execute(
-                s,
-                "execute_program",
-                json!({"session_id": "s1", "program_id": "p1"}),
-                1000,
-            )
-            .await;
+        let gone = h.program(&s, "execute_program", "p1").await;
         assert_eq!(
             gone.unwrap_err(),
             PoolError::Python("Program not found: p1".into())
@@ -389,36 +381,15 @@ fn a_strict_session_reports_its_lost_worker_once() {
             id: "s".into(),
             strict: true,
         };
-        h.execute(
-            s.clone(),
-            "create_program",
-            json!({"session_id": "s", "id": "p"}),
-            1000,
-        )
-        .await
-        .unwrap();
+        h.program(&s, "create_program", "p").await.unwrap();
         h.execute(Mode::Anonymous, "exit", json!({"code": 1}), 1000)
             .await
             .unwrap_err();
         h.exited().await;
-        let e = h
-            .execute(
-                s.clone(),
-                "execute_program",
-                json!({"session_id": "s", "program_id": "p"}),
-                1000,
-            )
-            .await;
+        let e = h.program(&s, "execute_program", "p").await;
         assert!(matches!(e, Err(PoolError::SessionLost(_))), "{e:?}");
         // Then the session starts afresh, without re-creation.
-        let e = h
-            .execute(
-                s,
-                "execute_program",
-                json!({"session_id": "s", "program_id": "p"}),
-                1000,
-            )
-            .await;
+        let e = h.program(&s, "execute_program", "p").await;
         assert_eq!(
             e.unwrap_err(),
             PoolError::Python("Program not found: p".into())
@@ -516,20 +487,13 @@ fn a_session_waits_briefly_for_its_busy_home_then_moves() {
         };
         let h = Harness::start(cfg).await;
         let s = session("s");
-        let args = json!({"session_id": "s", "id": "p"});
-        h.execute(s.clone(), "create_program", args, 1000)
-            .await
-            .unwrap();
+        h.program(&s, "create_program", "p").await.unwrap();
         // The most recently used worker is the session's home: hold it.
         let (held, _) = h.checkout(5000);
         let Ok(Acquired::Now(held)) = held else {
             panic!()
         };
-        let run_args = json!({"session_id": "s", "program_id": "p"});
-        let moved = h
-            .execute(s, "execute_program", run_args, 1000)
-            .await
-            .unwrap();
+        let moved = h.program(&s, "execute_program", "p").await.unwrap();
         let status = h.pool.status();
         assert_eq!(
             status.counters.restores, 1,
@@ -551,10 +515,7 @@ fn a_strict_session_waits_for_its_own_worker() {
             id: "s".into(),
             strict: true,
         };
-        let args = json!({"session_id": "s", "id": "p"});
-        h.execute(s.clone(), "create_program", args, 1000)
-            .await
-            .unwrap();
+        h.program(&s, "create_program", "p").await.unwrap();
         let (held, _) = h.checkout(5000);
         let Ok(Acquired::Now(held)) = held else {
             panic!()
@@ -617,18 +578,11 @@ fn a_worker_wiped_by_cleanup_re_creates_its_sessions() {
     run(async {
         let h = Harness::start(config(1)).await;
         let s = session("s");
-        let args = json!({"session_id": "s", "id": "p"});
-        h.execute(s.clone(), "create_program", args, 1000)
-            .await
-            .unwrap();
+        h.program(&s, "create_program", "p").await.unwrap();
         h.execute(Mode::Anonymous, "cleanup", json!({}), 1000)
             .await
             .unwrap();
-        let run_args = json!({"session_id": "s", "program_id": "p"});
-        assert!(h
-            .execute(s, "execute_program", run_args, 1000)
-            .await
-            .is_ok());
+        assert!(h.program(&s, "execute_program", "p").await.is_ok());
         assert_eq!(h.pool.status().counters.restores, 1);
     })
 }
@@ -641,13 +595,9 @@ fn ending_a_strict_session_frees_it_on_its_worker() {
             id: "s".into(),
             strict: true,
         };
-        let args = json!({"session_id": "s", "id": "p"});
-        h.execute(s.clone(), "create_program", args, 1000)
-            .await
-            .unwrap();
+        h.program(&s, "create_program", "p").await.unwrap();
         h.pool.end_session("s");
-        let run_args = json!({"session_id": "s", "program_id": "p"});
-        let e = h.execute(s, "execute_program", run_args, 1000).await;
+        let e = h.program(&s, "execute_program", "p").await;
         assert_eq!(
             e.unwrap_err(),
             PoolError::Python("Program not found: p".into())
