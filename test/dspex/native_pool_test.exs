@@ -150,9 +150,7 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       assert {:error, {:timeout, _}} =
                NativePool.execute_anonymous(:sleep, %{ms: 2_000}, [timeout: 50] ++ opts)
 
-      assert {:ok, "after"} =
-               NativePool.execute_anonymous(:echo, %{v: "after"}, opts)
-               |> then(fn {:ok, %{"v" => v}} -> {:ok, v} end)
+      assert {:ok, %{"v" => "after"}} = NativePool.execute_anonymous(:echo, %{v: "after"}, opts)
 
       refute alive?(pid)
       refute_received _

@@ -393,11 +393,6 @@ impl Pool {
         }
     }
 
-    /// Number of open leases (queued, holding a worker, or awaiting a reply).
-    pub fn open_leases(&self) -> usize {
-        self.shared.lock().leases.len()
-    }
-
     /// Forgets a session and frees its programs in every worker that holds them.
     pub fn end_session(&self, session: &str) {
         let s = &self.shared;
@@ -467,6 +462,7 @@ impl Pool {
     }
 
     /// Whether `lease` currently holds a worker.
+    #[cfg(test)]
     pub fn holds_worker(&self, lease: LeaseId) -> bool {
         matches!(
             self.shared.lock().leases.get(&lease).map(|l| &l.state),
@@ -1519,8 +1515,13 @@ impl Shared {
                 _ => None,
             })
             .collect();
+        if !expired.is_empty() {
+            // One pass over the queue, however many expire at once.
+            let gone: std::collections::HashSet<LeaseId> =
+                expired.iter().map(|(l, _)| *l).collect();
+            st.queue.retain(|l| !gone.contains(l));
+        }
         for (lease, waited) in expired {
-            st.queue.retain(|l| *l != lease);
             st.counters.pool_timeouts += 1;
             self.fail_request(
                 st,
