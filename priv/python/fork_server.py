@@ -89,12 +89,9 @@ def import_script(script: str):
     with open(script, encoding="utf-8", errors="replace") as f:
         source = f.read()
     if "import dspy" in source:
-        # What main() imports anyway; doing it here is the point of the fork server.
+        # What main() imports anyway; doing it here is the point of the fork server. (Not
+        # LiteLLM: DSPy imports it only for a real LM call, and it costs 3x DSPy's import.)
         import dspy  # noqa: F401
-        try:
-            import litellm  # noqa: F401
-        except ImportError:
-            pass
     return module
 
 
