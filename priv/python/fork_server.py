@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ast
 import errno
+import gc
 import json
 import os
 import select
@@ -140,6 +141,11 @@ class Server:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: None)
+        if self.mode == "fork":
+            # What the import built is shared by every fork; keep the children's garbage
+            # collector off it, or its bookkeeping writes would copy those pages into each.
+            gc.collect()
+            gc.freeze()
         self.send({"op": "ready", "mode": self.mode, "pid": os.getpid(), "note": self.note})
 
     # ----------------------------------------------------------------- loop
@@ -234,7 +240,7 @@ class Server:
     def run_worker(self, argv: list[str]) -> int:
         if self.mode == "spawn":
             python = self.opts.python
-            os.execv(python, [python, self.opts.script, *argv])
+            os.execvp(python, [python, self.opts.script, *argv])
         watch_vm(self.beam)
         reinit_after_fork()
         sys.argv = [self.opts.script, *argv]

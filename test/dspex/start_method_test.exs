@@ -158,8 +158,12 @@ defmodule DSPex.PythonBridge.StartMethodTest do
 
         {:ok, %{"pid" => g2}} = NativePool.execute_anonymous(:grandchild, %{}, opts)
         assert alive?(g2)
+        [worker] = status(opts).worker_pids
+        server = ppid(worker)
         :ok = stop_supervised(opts[:pool])
         eventually(fn -> not alive?(g2) end)
+        # The pool's fork server goes with it.
+        eventually(fn -> not alive?(server) end)
       end
 
       test "exit statuses and signals reach the caller", %{method: method} = ctx do

@@ -7,9 +7,9 @@
 //! side. `zygote` is the client of the fork server that starts workers.
 
 pub mod error;
-mod logs;
 #[cfg(test)]
 pub mod fake;
+mod logs;
 pub mod pool;
 #[cfg(test)]
 mod pool_tests;

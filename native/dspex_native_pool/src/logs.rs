@@ -164,7 +164,11 @@ mod tests {
         }
         let (ack, first) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(first.len(), MAX_PENDING_LINES + 1);
-        assert!(first.last().unwrap().2.contains("dropped 10 worker stderr lines"));
+        assert!(first
+            .last()
+            .unwrap()
+            .2
+            .contains("dropped 10 worker stderr lines"));
         // Unacknowledged: what comes next waits.
         b.push(1, "info", "later".into());
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());

@@ -180,19 +180,22 @@ async fn drain_stderr_limited(
     let mut cut = 0usize; // bytes of the current line beyond MAX_LINE
     let mut dropped = 0u64;
     let mut dropped_since = Instant::now();
-    let mut emit = |line: &mut Vec<u8>, cut: &mut usize, dropped: &mut u64, sink: &mut dyn FnMut(String)| {
-        if limit.take() {
-            let mut text = String::from_utf8_lossy(line).trim_end_matches('\r').to_owned();
-            if *cut > 0 {
-                text.push_str(&format!(" [... {} bytes truncated]", *cut));
+    let mut emit =
+        |line: &mut Vec<u8>, cut: &mut usize, dropped: &mut u64, sink: &mut dyn FnMut(String)| {
+            if limit.take() {
+                let mut text = String::from_utf8_lossy(line)
+                    .trim_end_matches('\r')
+                    .to_owned();
+                if *cut > 0 {
+                    text.push_str(&format!(" [... {} bytes truncated]", *cut));
+                }
+                sink(text);
+            } else {
+                *dropped += 1;
             }
-            sink(text);
-        } else {
-            *dropped += 1;
-        }
-        line.clear();
-        *cut = 0;
-    };
+            line.clear();
+            *cut = 0;
+        };
     let report = |dropped: &mut u64, sink: &mut dyn FnMut(String)| {
         if *dropped > 0 {
             sink(format!(
@@ -204,9 +207,12 @@ async fn drain_stderr_limited(
     };
     loop {
         let read = if dropped > 0 {
-            let wait = (dropped_since + Duration::from_secs(1)).saturating_duration_since(Instant::now());
+            let wait =
+                (dropped_since + Duration::from_secs(1)).saturating_duration_since(Instant::now());
             // `read` is cancellation safe: a timed-out read lost nothing.
-            tokio::time::timeout(wait, stderr.read(&mut chunk)).await.ok()
+            tokio::time::timeout(wait, stderr.read(&mut chunk))
+                .await
+                .ok()
         } else {
             Some(stderr.read(&mut chunk).await)
         };
@@ -304,6 +310,42 @@ impl Spawner for PythonSpawner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reader(bytes: Vec<u8>) -> BoxRead {
+        Box::new(std::io::Cursor::new(bytes))
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_cut_with_a_marker_and_the_next_line_survives() {
+        let mut input = vec![b'y'; 100_000];
+        input.extend_from_slice(b"\r\nnext\npartial");
+        let mut lines = Vec::new();
+        drain_stderr(reader(input), |l| lines.push(l)).await;
+        assert_eq!(lines.len(), 3);
+        let cut = 100_000 - MAX_LINE + 1; // the \r too
+        assert_eq!(
+            lines[0],
+            format!("{} [... {cut} bytes truncated]", "y".repeat(MAX_LINE))
+        );
+        assert_eq!(lines[1], "next");
+        assert_eq!(lines[2], "partial");
+    }
+
+    #[tokio::test]
+    async fn lines_over_the_rate_are_dropped_and_counted() {
+        let input: Vec<u8> = (0..100)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut lines = Vec::new();
+        drain_stderr_limited(reader(input), |l| lines.push(l), 10.0, 1.0).await;
+        assert_eq!(lines.len(), 11, "{lines:?}");
+        assert_eq!(lines[9], "line 9");
+        assert_eq!(
+            lines[10],
+            "WARNING dspex_native_pool: dropped 90 stderr lines of this worker (over 1 lines/s)"
+        );
+        assert_eq!(level_of(&lines[10]), "warning");
+    }
 
     #[test]
     fn stderr_levels_follow_python_logging_names() {

@@ -81,6 +81,8 @@ struct Restarts {
 pub struct ForkServer {
     config: Config,
     current: tokio::sync::Mutex<Restarts>,
+    /// The running helper, for `Drop` (which cannot wait for `current`).
+    live: Mutex<Option<Arc<Helper>>>,
     seq: AtomicU64,
     log: Arc<Mutex<VecDeque<String>>>,
 }
@@ -95,6 +97,7 @@ impl ForkServer {
             }),
             seq: AtomicU64::new(1),
             log: Arc::new(Mutex::new(VecDeque::new())),
+            live: Mutex::new(None),
         }
     }
 
@@ -126,6 +129,7 @@ impl ForkServer {
         match started {
             Ok(h) => {
                 cur.last = Some(h.clone());
+                *self.live.lock().unwrap() = Some(h.clone());
                 Ok(h)
             }
             Err(e) => {
@@ -167,18 +171,17 @@ impl ForkServer {
             let _ = child.wait().await;
         });
         let log = self.log.clone();
-        let log_task = crate::runtime::spawn(crate::worker::drain_stderr(
-            Box::new(stderr),
-            move |line| {
+        let log_task =
+            crate::runtime::spawn(crate::worker::drain_stderr(Box::new(stderr), move |line| {
                 let mut log = log.lock().unwrap();
                 if log.len() == LOG_LINES {
                     log.pop_front();
                 }
                 log.push_back(line);
-            },
-        ));
+            }));
         // SAFETY: the AsyncFd owns the socket, so the descriptor stays open and the same.
-        let sock = unsafe { AsyncFd::register(ours) }.map_err(|e| io::Error::other(e.to_string()))?;
+        let sock =
+            unsafe { AsyncFd::register(ours) }.map_err(|e| io::Error::other(e.to_string()))?;
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock)).await;
         let failed = |why: String| {
             let kill = pid as libc::pid_t;
@@ -303,9 +306,8 @@ impl ForkServer {
             .into_iter()
             .flat_map(|l| (l + "\n").into_bytes())
             .collect();
-        let stderr: BoxRead = Box::new(
-            std::io::Cursor::new(prefix).chain(pipe::Receiver::from_owned_fd(stderr_r)?),
-        );
+        let stderr: BoxRead =
+            Box::new(std::io::Cursor::new(prefix).chain(pipe::Receiver::from_owned_fd(stderr_r)?));
         Ok(Spawned {
             pid: Some(pid),
             stdin: pipe::Sender::from_owned_fd(stdin_w)?,
@@ -317,47 +319,55 @@ impl ForkServer {
     }
 }
 
+impl Drop for ForkServer {
+    /// The pool is gone: EOF on its control socket ends the helper (which kills any worker
+    /// still running) and the task reading the socket.
+    fn drop(&mut self) {
+        if let Some(h) = self.live.lock().unwrap().take() {
+            // SAFETY: shutdown on a socket the helper owns and keeps open.
+            unsafe { libc::shutdown(h.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
 /// Reads the helper's messages until it exits; then every pending fork fails and every live
 /// worker's exit falls back to its pidfd.
 async fn read_helper(h: Arc<Helper>) {
-    loop {
-        match recv(&h.sock).await {
-            Ok(Some((msg, mut fds))) => match msg.get("op").and_then(|o| o.as_str()) {
-                Some("forked") => {
-                    let seq = msg["seq"].as_u64().unwrap_or(0);
-                    let pid = msg["pid"].as_u64().unwrap_or(0) as u32;
-                    let Some(tx) = h.forks.lock().unwrap().remove(&seq) else {
-                        continue;
-                    };
-                    let Some(pidfd) = fds.pop() else {
-                        let _ = tx.send(Err("no pidfd came with the worker".into()));
-                        continue;
-                    };
-                    let (etx, erx) = oneshot::channel();
-                    h.exits.lock().unwrap().insert(pid, etx);
-                    let _ = tx.send(Ok((pid, pidfd, erx)));
+    while let Ok(Some((msg, mut fds))) = recv(&h.sock).await {
+        match msg.get("op").and_then(|o| o.as_str()) {
+            Some("forked") => {
+                let seq = msg["seq"].as_u64().unwrap_or(0);
+                let pid = msg["pid"].as_u64().unwrap_or(0) as u32;
+                let Some(tx) = h.forks.lock().unwrap().remove(&seq) else {
+                    continue;
+                };
+                let Some(pidfd) = fds.pop() else {
+                    let _ = tx.send(Err("no pidfd came with the worker".into()));
+                    continue;
+                };
+                let (etx, erx) = oneshot::channel();
+                h.exits.lock().unwrap().insert(pid, etx);
+                let _ = tx.send(Ok((pid, pidfd, erx)));
+            }
+            Some("error") => {
+                let seq = msg["seq"].as_u64().unwrap_or(0);
+                if let Some(tx) = h.forks.lock().unwrap().remove(&seq) {
+                    let err = msg["error"].as_str().unwrap_or("fork failed").to_owned();
+                    let _ = tx.send(Err(err));
                 }
-                Some("error") => {
-                    let seq = msg["seq"].as_u64().unwrap_or(0);
-                    if let Some(tx) = h.forks.lock().unwrap().remove(&seq) {
-                        let err = msg["error"].as_str().unwrap_or("fork failed").to_owned();
-                        let _ = tx.send(Err(err));
-                    }
+            }
+            Some("exit") => {
+                let pid = msg["pid"].as_u64().unwrap_or(0) as u32;
+                let info = match (msg["code"].as_i64(), msg["signal"].as_i64()) {
+                    (Some(c), _) => ExitInfo::Code(c as i32),
+                    (None, Some(s)) => ExitInfo::Signal(s as i32),
+                    _ => ExitInfo::Unknown,
+                };
+                if let Some(tx) = h.exits.lock().unwrap().remove(&pid) {
+                    let _ = tx.send(info);
                 }
-                Some("exit") => {
-                    let pid = msg["pid"].as_u64().unwrap_or(0) as u32;
-                    let info = match (msg["code"].as_i64(), msg["signal"].as_i64()) {
-                        (Some(c), _) => ExitInfo::Code(c as i32),
-                        (None, Some(s)) => ExitInfo::Signal(s as i32),
-                        _ => ExitInfo::Unknown,
-                    };
-                    if let Some(tx) = h.exits.lock().unwrap().remove(&pid) {
-                        let _ = tx.send(info);
-                    }
-                }
-                _ => {}
-            },
-            Ok(None) | Err(_) => break,
+            }
+            _ => {}
         }
     }
     h.alive.store(false, Ordering::SeqCst);
@@ -569,4 +579,135 @@ async fn on_launcher<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
         .send(job)
         .expect("the launcher thread never exits");
     rx.await.expect("the launcher thread never exits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{PythonSpawner, Spawner};
+    use tokio::io::AsyncReadExt;
+
+    fn helper() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../priv/python/fork_server.py")
+    }
+
+    fn ppid(pid: u32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(1).unwrap().parse().unwrap()
+    }
+
+    fn spawner(mode: Mode, body: &str) -> (PythonSpawner, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let script = dir.0.join("w.py");
+        std::fs::write(&script, body).unwrap();
+        let s = PythonSpawner::new(
+            "python3".into(),
+            script,
+            vec!["--extra".into()],
+            vec![("ZYGOTE_TEST".into(), "on".into())],
+            helper(),
+            mode,
+        );
+        (s, dir)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "zygote_test_{}_{}",
+                    std::process::id(),
+                    rand_suffix()
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        fn rand_suffix() -> u64 {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static N: AtomicU64 = AtomicU64::new(0);
+            N.fetch_add(1, Ordering::Relaxed)
+        }
+    }
+
+    const SCRIPT: &str = r#"
+import os, sys
+def main(argv):
+    os.write(1, (" ".join(argv) + " " + os.environ["ZYGOTE_TEST"] + " " + str(__name__ == "__main__") + "\n").encode())
+    line = sys.stdin.readline()
+    sys.exit(int(line))
+if __name__ == "__main__":
+    main(sys.argv[1:])
+"#;
+
+    async fn run(mode: Mode, forked: &str) {
+        let (s, _dir) = spawner(mode, SCRIPT);
+        let mut w = s.spawn(7).unwrap();
+        let pid = w.pid.unwrap();
+        let (helper_pid, served) = s.server().helper_info().await.unwrap();
+        assert_eq!(served, mode);
+        assert_eq!(ppid(pid), helper_pid, "a child of the fork server");
+        assert_eq!(ppid(helper_pid), std::process::id());
+        let mut out = vec![0u8; 200];
+        let n = w.stdout.read(&mut out).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out[..n]).unwrap(),
+            format!("--mode pool-worker --worker-id 7 --extra on {forked}\n")
+        );
+        w.stdin.try_write(b"5\n").unwrap();
+        assert!(matches!(w.exit.await, ExitInfo::Code(5)));
+
+        let w = s.spawn(8).unwrap();
+        (w.signal)(libc::SIGKILL);
+        assert!(matches!(w.exit.await, ExitInfo::Signal(9)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fork_mode_runs_main_in_a_fork_and_reports_exits() {
+        run(Mode::Fork, "False").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spawn_mode_execs_the_script_and_reports_exits() {
+        run(Mode::Spawn, "True").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_script_without_main_argv_is_served_by_exec() {
+        let (s, _dir) = spawner(Mode::Fork, "import sys\nsys.exit(4)\n");
+        let w = s.spawn(1).unwrap();
+        assert_eq!(s.server().helper_info().await.unwrap().1, Mode::Spawn);
+        assert!(matches!(w.exit.await, ExitInfo::Code(4)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_fork_server_is_restarted_and_its_workers_live_on() {
+        let (s, _dir) = spawner(Mode::Fork, SCRIPT);
+        let w = s.spawn(1).unwrap();
+        let (first, _) = s.server().helper_info().await.unwrap();
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        while std::path::Path::new(&format!("/proc/{first}/task")).exists()
+            && ppid(w.pid.unwrap()) == first
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let w2 = s.spawn(2).unwrap();
+        let (second, _) = s.server().helper_info().await.unwrap();
+        assert_ne!(first, second);
+        assert_eq!(ppid(w2.pid.unwrap()), second);
+        // The orphan still runs; its end is seen through its pidfd, without a status.
+        assert!(std::path::Path::new(&format!("/proc/{}", w.pid.unwrap())).exists());
+        (w.signal)(libc::SIGKILL);
+        assert!(matches!(w.exit.await, ExitInfo::Unknown));
+        (w2.signal)(libc::SIGKILL);
+        assert!(matches!(w2.exit.await, ExitInfo::Signal(9)));
+    }
 }
