@@ -226,8 +226,16 @@ impl ForkServer {
         self.log.lock().unwrap().drain(..).collect()
     }
 
-    /// Starts one worker: `argv` are the script's arguments.
+    /// Starts one worker: `argv` are the script's arguments. A helper found dead on the way
+    /// (it died since the last fork) is replaced once.
     pub async fn fork(&self, argv: Vec<String>) -> io::Result<Spawned> {
+        match self.fork_once(argv.clone()).await {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.fork_once(argv).await,
+            other => other,
+        }
+    }
+
+    async fn fork_once(&self, argv: Vec<String>) -> io::Result<Spawned> {
         let helper = self.helper().await?;
         let (stdin_r, stdin_w) = pipe_pair()?;
         let (stdout_r, stdout_w) = pipe_pair()?;
@@ -250,14 +258,21 @@ impl ForkServer {
         if let Err(e) = sent {
             helper.forks.lock().unwrap().remove(&seq);
             helper.alive.store(false, Ordering::SeqCst);
-            return Err(io::Error::other(format!(
-                "the fork server did not take the request: {e}"
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the fork server did not take the request: {e}"),
+            ));
         }
         let (pid, pidfd, exit_rx) = match tokio::time::timeout(FORK_TIMEOUT, rx).await {
             Ok(Ok(Ok(forked))) => forked,
             Ok(Ok(Err(e))) => return Err(io::Error::other(format!("the fork server: {e}"))),
-            Ok(Err(_)) => return Err(io::Error::other("the fork server exited while forking")),
+            Ok(Err(_)) => {
+                helper.alive.store(false, Ordering::SeqCst);
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the fork server exited while forking",
+                ));
+            }
             Err(_) => {
                 helper.forks.lock().unwrap().remove(&seq);
                 return Err(io::Error::other("the fork server did not answer in time"));
