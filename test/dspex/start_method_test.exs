@@ -43,6 +43,9 @@ defmodule DSPex.PythonBridge.StartMethodTest do
               res = {"pid": os.getpid(), "ppid": os.getppid(), "worker_id": wid,
                      "env": os.environ.get("START_METHOD_TEST"), "forked": __name__ != "__main__",
                      "pgid": os.getpgid(0)}
+          elif cmd == "random":
+              import random
+              res = {"random": random.random()}
           elif cmd == "fds":
               res = {"at_start": at_start, "now": fds()}
           elif cmd == "grandchild":
@@ -195,6 +198,54 @@ defmodule DSPex.PythonBridge.StartMethodTest do
         assert new_id not in worker_ids and new_id != survivor_id
       end
     end
+  end
+
+  test "forked workers do not share their random state", ctx do
+    opts = start(ctx, start_method: :fork_server, pool_size: 2)
+    [a, b] = status(opts).worker_pids
+    {:ok, %{"random" => ra}} = call_on(opts, a, :random)
+    {:ok, %{"random" => rb}} = call_on(opts, b, :random)
+    assert ra != rb
+  end
+
+  @tag :dspy
+  @tag timeout: 180_000
+  test "the DSPy bridge runs on a thread-free fork server by default; sessions and LM survive a worker" do
+    bridge = :code.priv_dir(:dspex_native_pool) |> Path.join("python/dspy_bridge.py")
+    opts = start_pool(script: bridge, pool_size: 2, start_timeout: 120_000)
+    pids = status(opts).worker_pids
+    [server] = pids |> Enum.map(&ppid/1) |> Enum.uniq()
+    assert cmdline(server) =~ "fork_server.py"
+    assert cmdline(server) =~ "--mode fork"
+    # fork() copies one thread: the server must hold no other when it forks.
+    assert File.ls!("/proc/#{server}/task") == [Integer.to_string(server)]
+
+    call = &NativePool.execute_in_session("s1", &1, &2, [timeout: 60_000] ++ opts)
+    {:ok, _} = NativePool.execute_anonymous(:configure_lm, %{provider: "dummy"}, opts)
+
+    {:ok, _} =
+      call.(:create_program, %{
+        id: "p",
+        signature: %{inputs: [%{name: "question"}], outputs: [%{name: "answer"}]},
+        program_type: "predict"
+      })
+
+    {:ok, %{"worker_id" => _}} = NativePool.execute_anonymous(:ping, %{}, opts)
+    {:ok, _} = call.(:execute_program, %{program_id: "p", inputs: %{question: "q1"}})
+
+    for pid <- pids, do: System.cmd("kill", ["-9", to_string(pid)])
+
+    eventually(
+      fn ->
+        st = status(opts)
+        st.ready == 2 and Enum.all?(pids, &(&1 not in st.worker_pids))
+      end,
+      60_000
+    )
+
+    # New forks: the session is re-created and the LM replayed on them.
+    assert {:ok, _} = call.(:execute_program, %{program_id: "p", inputs: %{question: "q2"}})
+    assert Enum.all?(status(opts).worker_pids, &(ppid(&1) == server))
   end
 
   test "a fork server crash does not take live workers down; the next worker gets a new one",
