@@ -113,6 +113,7 @@ class Server:
         self.module = None
         self.mode = "spawn"
         self.note: str | None = None
+        self.warned_files = False
 
     # ----------------------------------------------------------------- start
 
@@ -186,6 +187,7 @@ class Server:
             if len(fds) != 3:
                 raise ValueError(f"expected 3 descriptors, got {len(fds)}")
             self.check_single_threaded()
+            self.check_no_open_files(fds)
             pid = self.fork(req["argv"], fds)
         except Exception as exc:  # noqa: BLE001 - reported to the pool as a start failure
             self.send({"op": "error", "seq": seq, "error": f"{type(exc).__name__}: {exc}"})
@@ -202,6 +204,22 @@ class Server:
         if threading.active_count() != 1 or os_thread_count() != 1:
             raise RuntimeError(f"the fork server has {threading.active_count()} Python threads and "
                                f"{os_thread_count()} OS threads; refusing to fork")
+
+    def check_no_open_files(self, passing: list[int]) -> None:
+        """Children close every descriptor above 2, but a Python object of the import still
+        holding one (a database, a socket) would then be shared state gone wrong: say so once."""
+        if self.warned_files:
+            return
+        ours = {0, 1, 2, self.wake_r, self.wake_w, *passing}
+        try:
+            extra = {int(fd) for fd in os.listdir("/proc/self/fd")} - ours
+        except OSError:
+            return
+        extra = [fd for fd in extra if os.path.exists(f"/proc/self/fd/{fd}")]  # not listdir's own
+        if extra:
+            self.warned_files = True
+            log("WARNING", f"descriptors {sorted(extra)} were opened by the import; forked "
+                           "workers close them, so objects using them will fail")
 
     def fork(self, argv: list[str], fds: list[int]) -> int:
         sys.stdout.flush()
