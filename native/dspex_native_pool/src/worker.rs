@@ -270,13 +270,13 @@ impl PythonSpawner {
     ) -> Self {
         PythonSpawner {
             args,
-            server: Arc::new(zygote::ForkServer::new(zygote::Config {
+            server: zygote::ForkServer::new(zygote::Config {
                 python,
                 helper,
                 script,
                 env,
                 mode,
-            })),
+            }),
         }
     }
 

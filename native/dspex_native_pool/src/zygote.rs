@@ -38,6 +38,8 @@ const FORK_TIMEOUT: Duration = Duration::from_secs(30);
 /// A helper that lived at least this long before dying is restarted at once.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Helpers dying young in a row after which a dead one is restarted only on demand.
+const MAX_EAGER_RESTARTS: u32 = 3;
 /// Lines of the helper's own stderr kept for the next worker's log (and start-up errors).
 const LOG_LINES: usize = 50;
 
@@ -83,13 +85,15 @@ pub struct ForkServer {
     current: tokio::sync::Mutex<Restarts>,
     /// The running helper, for `Drop` (which cannot wait for `current`).
     live: Mutex<Option<Arc<Helper>>>,
+    me: std::sync::Weak<ForkServer>,
     seq: AtomicU64,
     log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl ForkServer {
-    pub fn new(config: Config) -> Self {
-        ForkServer {
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new_cyclic(|me| ForkServer {
+            me: me.clone(),
             config,
             current: tokio::sync::Mutex::new(Restarts {
                 failures: 0,
@@ -98,7 +102,7 @@ impl ForkServer {
             seq: AtomicU64::new(1),
             log: Arc::new(Mutex::new(VecDeque::new())),
             live: Mutex::new(None),
-        }
+        })
     }
 
     /// The helper's pid and the mode it serves in, starting it if needed.
@@ -218,7 +222,7 @@ impl ForkServer {
             forks: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
         });
-        crate::runtime::spawn(read_helper(helper.clone()));
+        crate::runtime::spawn(read_helper(helper.clone(), self.me.clone()));
         Ok(helper)
     }
 
@@ -347,7 +351,7 @@ impl Drop for ForkServer {
 
 /// Reads the helper's messages until it exits; then every pending fork fails and every live
 /// worker's exit falls back to its pidfd.
-async fn read_helper(h: Arc<Helper>) {
+async fn read_helper(h: Arc<Helper>, server: std::sync::Weak<ForkServer>) {
     while let Ok(Some((msg, mut fds))) = recv(&h.sock).await {
         match msg.get("op").and_then(|o| o.as_str()) {
             Some("forked") => {
@@ -388,6 +392,21 @@ async fn read_helper(h: Arc<Helper>) {
     h.alive.store(false, Ordering::SeqCst);
     h.forks.lock().unwrap().clear();
     h.exits.lock().unwrap().clear();
+    // Start the next one now (with the backoff), so the next worker does not wait for its
+    // import; a helper that keeps dying young is left to be started by the next spawn.
+    if let Some(server) = server.upgrade() {
+        restart(server);
+    }
+}
+
+/// A plain function, so `read_helper`'s future does not contain `helper`'s (which contains a
+/// `read_helper` spawn): the compiler could not prove such a cycle `Send`.
+fn restart(server: Arc<ForkServer>) {
+    crate::runtime::spawn(async move {
+        if server.current.lock().await.failures < MAX_EAGER_RESTARTS {
+            let _ = server.helper().await;
+        }
+    });
 }
 
 struct PidFd(RawFd);
