@@ -226,6 +226,10 @@ class Server:
         sys.stderr.flush()
         pid = os.fork()
         if pid:
+            try:
+                os.setpgid(pid, pid)  # the child does it too: whichever runs first wins the race
+            except OSError:
+                pass  # it already exec'd (EACCES) or died
             return pid
         # ---- child: never return from here
         code = 1
