@@ -124,18 +124,30 @@ class Server:
         if os.getppid() != self.beam:
             os._exit(1)  # the VM died before the death signal was armed
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.opts.mode == "fork":
+        why = self.opts.fallback
+        if self.opts.mode == "fork" and why is None:
             why = supports_fork(self.opts.script)
             if why is None:
                 try:
                     self.module = import_script(self.opts.script)
-                    self.mode = "fork"
+                    if threading.active_count() != 1 or os_thread_count() != 1:
+                        why = "importing it started threads, and fork() would copy only one"
+                    else:
+                        self.mode = "fork"
                 except BaseException as exc:  # noqa: BLE001 - any failure means: exec instead
                     why = f"importing it failed: {type(exc).__name__}: {exc}"
-            if why is not None:
-                self.note = (f"{self.opts.script} does not support the fork server ({why}); "
-                             "starting its workers with :spawn")
-                log("WARNING", self.note)
+                if why is not None:
+                    # Whatever the import left (threads, half-built modules) must not be in
+                    # the process that forks: start afresh, serving in spawn mode.
+                    argv = [sys.executable, os.path.abspath(__file__), "--script", self.opts.script,
+                            "--python", self.opts.python, "--parent", str(self.beam),
+                            "--mode", "spawn", "--fallback", why]
+                    sys.stderr.flush()
+                    os.execv(sys.executable, argv)
+        if why is not None:
+            self.note = (f"{self.opts.script} does not support the fork server ({why}); "
+                         "starting its workers with :spawn")
+            log("WARNING", self.note)
         # The death signal and EOF both end us; SIGCHLD wakes the loop (ERTS ignores it, which
         # would make the kernel reap our children before we could read their status).
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -358,6 +370,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--mode", choices=["fork", "spawn"], default="fork")
+    parser.add_argument("--fallback", default=None, help="why fork mode was given up (internal)")
     server = Server(parser.parse_args())
     server.start()
     server.run()

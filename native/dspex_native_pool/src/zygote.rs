@@ -170,10 +170,6 @@ impl ForkServer {
             .map_err(|e| io::Error::new(e.kind(), format!("could not start {python}: {e}")))?;
         let pid = child.id().unwrap_or(0);
         let stderr = child.stderr.take().expect("piped");
-        // Reap it whenever it exits.
-        crate::runtime::spawn(async move {
-            let _ = child.wait().await;
-        });
         let log = self.log.clone();
         let log_task =
             crate::runtime::spawn(crate::worker::drain_stderr(Box::new(stderr), move |line| {
@@ -187,26 +183,28 @@ impl ForkServer {
         let sock =
             unsafe { AsyncFd::register(ours) }.map_err(|e| io::Error::other(e.to_string()))?;
         let ready = tokio::time::timeout(READY_TIMEOUT, recv(&sock)).await;
-        let failed = |why: String| {
-            let kill = pid as libc::pid_t;
-            // SAFETY: plain syscall on our own unreaped child (reaped by the task above).
-            unsafe { libc::kill(kill, libc::SIGKILL) };
-            why
-        };
+        if !matches!(ready, Ok(Ok(Some(_)))) {
+            // Never ready: make sure it is gone (Child knows whether it was reaped already).
+            let _ = child.start_kill();
+        }
+        // Reap it whenever it exits.
+        crate::runtime::spawn(async move {
+            let _ = child.wait().await;
+        });
         let msg = match ready {
             Ok(Ok(Some((msg, _)))) => msg,
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let _ = tokio::time::timeout(Duration::from_millis(500), log_task).await;
                 let tail = self.take_log().join("\n");
-                return Err(io::Error::other(failed(format!(
+                return Err(io::Error::other(format!(
                     "the fork server exited before it was ready; its stderr ends with:\n{tail}"
-                ))));
+                )));
             }
             Err(_) => {
-                return Err(io::Error::other(failed(format!(
+                return Err(io::Error::other(format!(
                     "the fork server was not ready within {} s",
                     READY_TIMEOUT.as_secs()
-                ))))
+                )))
             }
         };
         let mode = match msg.get("mode").and_then(|m| m.as_str()) {

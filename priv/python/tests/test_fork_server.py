@@ -108,6 +108,29 @@ class ForkServerTest(unittest.TestCase):
             f.write("def main(argv):\n    pass\nmain([])\n")
         self.assertIn("outside", fork_server.supports_fork(eager))
 
+    def test_a_script_whose_import_starts_threads_is_served_by_exec(self) -> None:
+        script = os.path.join(self.dir.name, "threads.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent('''
+                import sys, threading, time
+                _started = threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+                def main(argv):
+                    sys.exit(5)
+                if __name__ == "__main__":
+                    main(sys.argv[1:])
+            '''))
+        server = Server(script)
+        try:
+            self.assertEqual(server.hello["mode"], "spawn")
+            self.assertIn("started threads", server.hello["note"])
+            msg, fds, (stdin_w, stdout_r) = server.fork(1, [])
+            os.close(fds[0])
+            self.assertEqual(server.recv()[0], {"op": "exit", "pid": msg["pid"], "code": 5})
+            os.close(stdin_w)
+            os.close(stdout_r)
+        finally:
+            server.close()
+
     def run_worker(self, mode: str, forked: bool) -> None:
         server = Server(self.script, mode)
         try:
