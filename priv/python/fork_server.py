@@ -17,8 +17,11 @@ Modes. ``fork``: the worker script is imported once here (with DSPy, when it imp
 worker is a fork of this process that runs ``script.main(argv)``: no import per worker, and the
 pages of the import are shared. A script supports this when it defines a top-level ``main(argv)``
 and calls it only under ``if __name__ == "__main__"``; any other script (or one whose import
-fails here) is served in ``spawn`` mode: each worker is a fork of this small process that execs
+fails here, or starts threads) is served in ``spawn`` mode: each worker is a fork of this small process that execs
 ``python script argv...`` at once.
+
+What is imported once: the script, then whatever its optional ``fork_server_preload()`` imports
+(it may also set environment defaults); without that hook, DSPy when the script imports it.
 
 Lifetime. The server dies with the VM: ``PR_SET_PDEATHSIG`` on itself (checked against the VM's
 pid after the call) and EOF on its control socket both make it SIGKILL every worker's process
@@ -87,6 +90,10 @@ def import_script(script: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules["dspex_pool_worker"] = module
     spec.loader.exec_module(module)
+    preload = getattr(module, "fork_server_preload", None)
+    if callable(preload):
+        preload()  # the script's own list of what to import once (and environment defaults)
+        return module
     with open(script, encoding="utf-8", errors="replace") as f:
         source = f.read()
     if "import dspy" in source:

@@ -131,6 +131,33 @@ class ForkServerTest(unittest.TestCase):
         finally:
             server.close()
 
+    def test_the_preload_hook_runs_once_in_the_server(self) -> None:
+        script = os.path.join(self.dir.name, "hook.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent('''
+                import os, sys
+                LOADED = []
+                def fork_server_preload():
+                    import json  # noqa: F401
+                    LOADED.append(os.getpid())
+                def main(argv):
+                    os.write(1, f"{LOADED} {os.getppid()}\\n".encode())
+                    sys.exit(0)
+                if __name__ == "__main__":
+                    main(sys.argv[1:])
+            '''))
+        server = Server(script)
+        try:
+            msg, fds, (stdin_w, stdout_r) = server.fork(1, [])
+            os.close(fds[0])
+            loaded, parent = os.read(stdout_r, 200).decode().split(" ")
+            self.assertEqual(loaded, f"[{server.hello['pid']}]")
+            self.assertEqual(int(parent), server.hello["pid"])
+            os.close(stdin_w)
+            os.close(stdout_r)
+        finally:
+            server.close()
+
     def run_worker(self, mode: str, forked: bool) -> None:
         server = Server(self.script, mode)
         try:
