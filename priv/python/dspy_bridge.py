@@ -261,14 +261,14 @@ def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
         raise CommandError("model must be a non-empty string")
     provider = (provider or "").strip().lower()
 
-    if provider == "dummy":
+    if provider in ("dummy", "mock"):  # "mock": DSPex's offline test config
         answers = cfg.get("answers")
         if answers is not None and not (
                 isinstance(answers, list) and answers and all(isinstance(a, dict) for a in answers)):
             raise CommandError("answers must be a non-empty list of objects (field -> value)")
-        model = model or "dummy"
+        model = model or provider
         lm = dspy.LM(f"dummy/{model}", engine=OfflineEngine(answers), cache=False, num_retries=0)
-        return lm, {"provider": "dummy", "model": model}
+        return lm, {"provider": provider, "model": model}
 
     if not model:
         raise CommandError("model is required")
@@ -277,7 +277,7 @@ def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
         if not provider:
             raise CommandError(f"provider is required for model {model!r}")
     if provider and provider not in PROVIDER_PREFIXES:
-        raise CommandError(f"Unknown provider: {provider} (supported: dummy, {', '.join(sorted(PROVIDER_PREFIXES))})")
+        raise CommandError(f"Unknown provider: {provider} (supported: dummy, mock, {', '.join(sorted(PROVIDER_PREFIXES))})")
     qualified = model if "/" in model else f"{PROVIDER_PREFIXES[provider]}/{model}"
 
     kwargs: dict[str, Any] = {k: cfg[k] for k in ("api_key", "api_base") if cfg.get(k)}
@@ -338,6 +338,18 @@ class Program:
     created_at: float = field(default_factory=time.time)
     executions: int = 0
     last_executed: float | None = None
+    gemini_model: str | None = None  # set for create_gemini_program's programs
+    gemini_lm: Any = None  # built on first use when no LM is configured
+
+    def listing(self, session_id: str | None) -> dict[str, Any]:
+        """The entry DSPex's list_programs returns (plus this bridge's own keys)."""
+        entry = {"id": self.id, "program_id": self.id, "program_type": self.program_type,
+                 "created_at": self.created_at, "execution_count": self.executions,
+                 "executions": self.executions, "last_executed": self.last_executed,
+                 "signature": self.spec.get("signature")}
+        if session_id is not None:
+            entry["session_id"] = session_id
+        return entry
 
 
 def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, str, Any]]:
@@ -370,7 +382,8 @@ def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, st
 
 def build_program(spec: dict[str, Any], program_id: str) -> Program:
     """Validate a create_program spec and build its DSPy module."""
-    program_type = spec.get("program_type") or "predict"
+    gemini = spec.get("type") == "gemini"  # create_gemini_program: a Predict under a Gemini LM
+    program_type = "predict" if gemini else spec.get("program_type") or "predict"
     if program_type not in PROGRAM_TYPES:
         raise CommandError(f"Unknown program_type: {program_type!r} (supported: {', '.join(PROGRAM_TYPES)})")
     sig = spec.get("signature")
@@ -406,6 +419,13 @@ def build_program(spec: dict[str, Any], program_id: str) -> Program:
         module = dspy.ChainOfThought(signature)
     else:  # ReAct always adds its own "finish" tool, so an empty list is valid
         module = dspy.ReAct(signature, tools=[BUILTIN_TOOLS[t] for t in tool_names])
+    if gemini:
+        model = spec.get("model") or "gemini-1.5-flash"
+        if not isinstance(model, str):
+            raise CommandError("model must be a string")
+        return Program(id=program_id, program_type="gemini", module=module,
+                       spec={**spec, "id": program_id, "model": model},
+                       input_names=[n for n, _, _ in inputs], gemini_model=model)
     return Program(id=program_id, program_type=program_type, module=module,
                    spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs])
 
@@ -431,6 +451,8 @@ class Bridge:
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": self.ping, "configure_lm": self.configure_lm,
             "create_program": self.create_program, "execute_program": self.execute_program,
+            "create_gemini_program": self.create_gemini_program,
+            "execute_gemini_program": self.execute_gemini_program,
             "list_programs": self.list_programs, "delete_program": self.delete_program,
             "get_program_info": self.get_program_info, "get_stats": self.get_stats,
             "cleanup": self.cleanup, "reset_state": self.reset_state,
@@ -500,7 +522,9 @@ class Bridge:
 
     def ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
-                "dspy_version": dspy.__version__, "timestamp": time.time()}
+                "dspy_version": dspy.__version__, "timestamp": time.time(), "dspy_available": True,
+                "gemini_available": True, "uptime": time.monotonic() - self.started,
+                "current_session": args.get("session_id")}
 
     def configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
         lm, info = build_lm(args)
@@ -513,7 +537,16 @@ class Bridge:
             dspy.configure(lm=lm)  # main thread only: DSPy ties configure() to one thread
             self.global_lm_info, scope = info, "global"
         # "status" is what DSPex's PythonPoolV2.configure_lm matches on.
-        return {"configured": True, "status": "configured", **info, "scope": scope}
+        return {"configured": True, "status": "configured", **info, "scope": scope,
+                "temperature": args.get("temperature")}
+
+    def create_gemini_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        """DSPex's Gemini program: a Predict of the signature; it runs under the
+        session's (or the global) LM when one is configured, else under
+        ``gemini/<model>`` with GEMINI_API_KEY from the environment."""
+        created = self.create_program({**args, "type": "gemini"})
+        program = self.sessions[self._namespace(args)].programs[created["program_id"]]
+        return {**created, "type": "gemini", "model_name": program.gemini_model}
 
     def create_program(self, args: dict[str, Any]) -> dict[str, Any]:
         namespace = self._namespace(args)
@@ -535,6 +568,15 @@ class Bridge:
         return {"program_id": program_id, "status": "created", "signature": spec.get("signature"),
                 "program_type": program.program_type, "created_at": program.created_at}
 
+    def execute_gemini_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        _, program = self._program(args)
+        if program.gemini_model is None:
+            raise CommandError(f"Program {program.id} is not a Gemini program")
+        result = self.execute_program(args)
+        outputs = result["outputs"]
+        result["raw_response"] = "\n".join(f"{k}: {v}" for k, v in outputs.items())
+        return result
+
     def execute_program(self, args: dict[str, Any]) -> dict[str, Any]:
         session, program = self._program(args)
         inputs = args.get("inputs") or {}
@@ -543,6 +585,11 @@ class Bridge:
         if missing := [n for n in program.input_names if n not in inputs]:
             raise CommandError(f"Missing required inputs for {program.id}: {', '.join(missing)}")
         lm = session.lm
+        if lm is None and dspy.settings.lm is None and program.gemini_model is not None:
+            if program.gemini_lm is None:
+                program.gemini_lm, _ = build_lm({"provider": "gemini", "model": program.gemini_model,
+                                                 "api_key": os.environ.get("GEMINI_API_KEY")})
+            lm = program.gemini_lm
         if lm is None and dspy.settings.lm is None:
             raise CommandError("No LM is configured: call configure_lm first (globally or for this session)")
         kwargs = {n: inputs[n] for n in program.input_names}  # extra keys are ignored
@@ -557,14 +604,17 @@ class Bridge:
         program.last_executed = time.time()
         self.executions += 1
         return {"program_id": program.id, "outputs": to_jsonable(dict(prediction.items())),
-                "execution_time_ms": round(elapsed_ms, 3)}
+                "execution_time_ms": round(elapsed_ms, 3), "execution_time": time.time()}
 
     def list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
-        session = self.sessions.get(self._namespace(args)) or Session()
-        # "id" next to "program_id": DSPex adapters accept either.
-        programs = [{"program_id": p.id, "id": p.id, "program_type": p.program_type,
-                     "created_at": p.created_at, "executions": p.executions}
-                    for p in session.programs.values()]
+        if self.mode != "pool-worker":
+            session = self.sessions.get(STANDALONE_NAMESPACE) or Session()
+            programs = [p.listing(None) for p in session.programs.values()]
+        elif isinstance(args.get("session_id"), str) and args["session_id"]:
+            session = self.sessions.get(args["session_id"]) or Session()
+            programs = [p.listing(args["session_id"]) for p in session.programs.values()]
+        else:  # as DSPex's bridge: without a session, every session's programs
+            programs = [p.listing(sid) for sid, s in self.sessions.items() for p in s.programs.values()]
         return {"programs": programs, "total_count": len(programs)}
 
     def delete_program(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -582,10 +632,17 @@ class Bridge:
         return info
 
     def get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        rss = rss_bytes()
         stats: dict[str, Any] = {
+            # DSPex's keys first, then this bridge's own
+            "programs_count": sum(len(s.programs) for s in self.sessions.values()),
+            "command_count": sum(self.command_counts.values()), "error_count": self.errors,
+            "uptime": time.monotonic() - self.started,
+            "memory_usage": {"rss": rss or 0, "vms": vms_bytes() or 0, "percent": memory_percent(rss)},
+            "dspy_available": True, "gemini_available": True,
             "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
             "dspy_version": dspy.__version__, "uptime_s": round(time.monotonic() - self.started, 3),
-            "rss_bytes": rss_bytes(), "sessions": len(self.sessions),
+            "rss_bytes": rss, "sessions": len(self.sessions),
             "programs": sum(len(s.programs) for s in self.sessions.values()),
             "commands": dict(self.command_counts), "total_commands": sum(self.command_counts.values()),
             "executions": self.executions, "errors": self.errors,
@@ -609,16 +666,19 @@ class Bridge:
     def reset_state(self, args: dict[str, Any]) -> dict[str, Any]:
         programs = sum(len(s.programs) for s in self.sessions.values())
         sessions = len(self.sessions)
+        commands, errors = sum(self.command_counts.values()), self.errors
         self.sessions.clear()
         dspy.configure(lm=None)
         self.global_lm_info = None
         self._reset_counters()
-        return {"status": "reset", "programs_cleared": programs, "sessions_cleared": sessions}
+        return {"status": "reset", "programs_cleared": programs, "sessions_cleared": sessions,
+                "commands_reset": commands, "errors_reset": errors}
 
     def cleanup_session(self, args: dict[str, Any]) -> dict[str, Any]:
         namespace = self._namespace(args)
         if self.mode != "pool-worker":  # never wipe the one global namespace by accident
-            return {"status": "not_applicable", "session_id": args.get("session_id"), "programs_removed": 0}
+            return {"status": "not_applicable", "mode": self.mode, "session_id": args.get("session_id"),
+                    "programs_removed": 0}
         session = self.sessions.pop(namespace, None)
         # Idempotent: the pool sends this to every worker when a session ends.
         return {"status": "cleaned" if session else "not_found", "session_id": args.get("session_id"),
@@ -652,15 +712,32 @@ class Bridge:
 
     def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
         self.shutdown_requested = True  # main loop exits after the reply is written
-        return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode}
+        return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode,
+                "sessions_cleaned": len(self.sessions) if self.mode == "pool-worker" else 0}
+
+
+def _statm(index: int) -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[index]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def rss_bytes() -> int | None:
+    return _statm(1)
+
+
+def vms_bytes() -> int | None:
+    return _statm(0)
+
+
+def memory_percent(rss: int | None) -> float:
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0.0
+    return round(100.0 * (rss or 0) / total, 3) if total > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- main
