@@ -15,10 +15,20 @@ descriptors before anything heavy is imported; fd 1 then points at stderr and
 fd 0 at /dev/null, so neither a library's ``print`` nor a C extension's
 ``write(1, ...)`` can corrupt a frame, and nothing can steal request bytes.
 
-A daemon thread reads frames and queues them; every command runs on the main
-thread (``dspy.configure`` may only ever be called from one thread). When stdin
-reaches EOF the VM is gone and the reader ends the process at once, even while
-a long DSPy call is still running on the main thread.
+A daemon thread reads frames; every command runs on one asyncio event loop
+on the main thread (``dspy.configure`` may only ever be called from one
+thread). Under protocol 1 (no handshake, as DSPex's pools speak) requests run
+one at a time, in order. Under protocol 2 (docs/protocol.md: the pool's first
+ping carries ``handshake: true, protocol: 2``) each ``execute_program`` is its
+own task awaiting ``program.acall`` under the session's ``dspy.context(lm=..)``,
+up to ``--concurrency`` (default 64) at once, cancellable with a
+``{"id": N, "control": "cancel"}`` frame; pings are answered by the reader
+thread even while the loop is busy. When stdin reaches EOF the VM is gone and
+the reader ends the process at once, even while a long call still runs.
+
+    --concurrency N     (env DSPY_BRIDGE_CONCURRENCY)  announced in the handshake
+    --protocol 1|2      (env DSPY_BRIDGE_PROTOCOL)     2: accept a protocol-2 handshake
+    --max-frame-size B  (env DSPY_BRIDGE_MAX_FRAME_SIZE) until the handshake sets it
 
 In pool-worker mode every program command needs ``args.session_id`` and
 programs live in per-session namespaces, so two sessions may use the same
@@ -30,12 +40,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
 import operator
 import os
-import queue
 import re
 import signal
 import sys
@@ -107,18 +120,21 @@ def read_exact(fd: int, n: int) -> bytes | None:
     """Read exactly n bytes, or return None on EOF."""
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
         if not chunk:
             return None
         buf += chunk
     return bytes(buf)
 
 
-def read_frame(fd: int) -> bytes | None:
-    header = read_exact(fd, 4)
-    if header is None:
-        return None
-    return read_exact(fd, int.from_bytes(header, "big"))
+def skip_exact(fd: int, n: int) -> bool:
+    """Read and drop n bytes without holding them; False on EOF."""
+    while n > 0:
+        chunk = os.read(fd, min(n, 1 << 16))
+        if not chunk:
+            return False
+        n -= len(chunk)
+    return True
 
 
 def write_frame(fd: int, body: bytes) -> None:
@@ -128,23 +144,53 @@ def write_frame(fd: int, body: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+# The pool writes '{"id":N,' first in every request, so a frame that cannot be
+# parsed can still be answered for its request.
+_ID_PREFIX = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,19})\s*[,}]')
+
+
+def request_id_from_prefix(body: bytes) -> int | None:
+    match = _ID_PREFIX.match(body[:64])
+    return int(match.group(1)) if match else None
+
+
 def decode(body: bytes) -> Any:
-    return orjson.loads(body) if orjson else json.loads(body)
-
-
-def encode(obj: Any) -> bytes:
-    """Serialise a response; values JSON cannot hold become strings."""
+    """JSON -> Python. orjson first; the stdlib parser reads what orjson
+    refuses but JSON allows (integers beyond 64 bits)."""
     if orjson:
-        opts = orjson.OPT_NON_STR_KEYS
         try:
-            return orjson.dumps(obj, option=opts)
-        except TypeError:
-            return orjson.dumps(obj, option=opts, default=str)
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                raise exc from None
+    return json.loads(body)
+
+
+def _json_dumps(obj: Any) -> bytes:
     try:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     except TypeError:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                           default=str).encode()
+
+
+def encode(obj: Any) -> bytes:
+    """Serialise a frame; values JSON cannot hold become strings. Integers
+    beyond 64 bits (which orjson refuses) are written exactly by the stdlib
+    encoder. Raises TypeError/ValueError for what JSON cannot express at all
+    (NaN next to such an integer, cycles)."""
+    if orjson:
+        opts = orjson.OPT_NON_STR_KEYS
+        try:
+            return orjson.dumps(obj, option=opts)
+        except TypeError:
+            try:
+                return orjson.dumps(obj, option=opts, default=str)
+            except TypeError:  # an int orjson cannot write, deep nesting, ...
+                return _json_dumps(obj)
+    return _json_dumps(obj)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -161,20 +207,6 @@ def to_jsonable(value: Any) -> Any:
         except Exception:  # a broken model_dump still has a str()
             pass
     return str(value)
-
-
-def start_reader(fd: int, frames: queue.Queue[bytes]) -> None:
-    def run() -> None:
-        try:
-            while (frame := read_frame(fd)) is not None:
-                frames.put(frame)
-        except OSError as exc:
-            log.error("reading requests failed: %s", exc)
-        # The VM closed our stdin (or died): nobody can read our answers any
-        # more, so end now rather than finish whatever the main thread runs.
-        os._exit(0)
-
-    threading.Thread(target=run, name="request-reader", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- offline LM
@@ -238,6 +270,28 @@ class OfflineEngine:
         pass
 
 
+class AsyncOfflineEngine:
+    """The async counterpart DSPy awaits under ``acall``: the same answers,
+    after ``latency`` seconds of (cancellable) waiting, as an LM call would."""
+
+    def __init__(self, sync: OfflineEngine, latency: float = 0.0) -> None:
+        self.sync, self.latency = sync, latency
+
+    async def complete(self, request: Any) -> Any:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self.sync.complete(request)
+
+    async def stream(self, request: Any) -> Any:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        for event in self.sync.stream(request):
+            yield event
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _default_answer(name: str, type_name: str, seed: str) -> str:
     text = f"{name}: dummy answer for {seed}" if seed else f"{name}: dummy answer"
     if type_name.startswith("Literal["):
@@ -266,8 +320,13 @@ def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
         if answers is not None and not (
                 isinstance(answers, list) and answers and all(isinstance(a, dict) for a in answers)):
             raise CommandError("answers must be a non-empty list of objects (field -> value)")
+        latency_ms = cfg.get("latency_ms", 0)
+        if isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float)) or not 0 <= latency_ms <= 3.6e6:
+            raise CommandError("latency_ms must be a number of milliseconds between 0 and 3600000")
         model = model or provider
-        lm = dspy.LM(f"dummy/{model}", engine=OfflineEngine(answers), cache=False, num_retries=0)
+        engine = OfflineEngine(answers)
+        lm = dspy.LM(f"dummy/{model}", engine=engine, async_engine=AsyncOfflineEngine(engine, latency_ms / 1000),
+                     cache=False, num_retries=0)
         return lm, {"provider": provider, "model": model}
 
     if not model:
@@ -307,21 +366,47 @@ _BIN_OPS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
+CALC_MAX_CHARS = 1000  # longer expressions are refused before parsing
+CALC_MAX_BITS = 4096  # integers beyond ~1233 digits are refused, before they are computed
+CALC_MAX_DEPTH = 200  # operator nesting (a chain of 200 additions is 200 deep)
+
+
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression such as '(2 + 3) * 4 / 5'."""
-    def ev(node: ast.AST) -> Any:
+    if not isinstance(expression, str):
+        raise ValueError("expression must be a string")
+    if len(expression) > CALC_MAX_CHARS:
+        raise ValueError(f"expression longer than {CALC_MAX_CHARS} characters")
+
+    def bounded(value: Any) -> Any:
+        if isinstance(value, int) and value.bit_length() > CALC_MAX_BITS:
+            raise ValueError("result too large")
+        return value
+
+    def ev(node: ast.AST, depth: int) -> Any:
+        if depth > CALC_MAX_DEPTH:
+            raise ValueError("expression nested too deeply")
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return bounded(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
+            value = ev(node.operand, depth + 1)
+            return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ValueError("exponent too large")
-            return _BIN_OPS[type(node.op)](left, right)
+            left, right = ev(node.left, depth + 1), ev(node.right, depth + 1)
+            if isinstance(node.op, ast.Pow):
+                if abs(right) > 1000:
+                    raise ValueError("exponent too large")
+                if isinstance(left, int) and isinstance(right, int) and right > 0 \
+                        and (abs(left).bit_length() - 1) * right > CALC_MAX_BITS:
+                    raise ValueError("result too large")  # known before computing it
+            return bounded(_BIN_OPS[type(node.op)](left, right))
         raise ValueError("only numbers and + - * / // % ** are allowed")
 
-    return str(ev(ast.parse(expression, mode="eval").body))
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"not an arithmetic expression: {type(exc).__name__}") from None
+    return str(ev(tree.body, 0))
 
 
 # ReAct tools a program spec may name; code cannot travel over the wire.
@@ -450,14 +535,16 @@ class Bridge:
         self._reset_counters()
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": self.ping, "configure_lm": self.configure_lm,
-            "create_program": self.create_program, "execute_program": self.execute_program,
-            "create_gemini_program": self.create_gemini_program,
-            "execute_gemini_program": self.execute_gemini_program,
+            "create_program": self.create_program, "create_gemini_program": self.create_gemini_program,
             "list_programs": self.list_programs, "delete_program": self.delete_program,
             "get_program_info": self.get_program_info, "get_stats": self.get_stats,
             "cleanup": self.cleanup, "reset_state": self.reset_state,
             "cleanup_session": self.cleanup_session, "restore_session": self.restore_session,
             "shutdown": self.shutdown,
+        }
+        # Commands that wait on an LM: each runs as its own task, so they overlap.
+        self.async_handlers: dict[str, Callable[[dict[str, Any], RequestContext], Any]] = {
+            "execute_program": self.execute_program, "execute_gemini_program": self.execute_gemini_program,
         }
 
     def _reset_counters(self) -> None:
@@ -465,41 +552,37 @@ class Bridge:
         self.executions = 0
         self.errors = 0
 
-    # -- request handling
+    # -- request handling (on the event loop's thread)
 
-    def handle_frame(self, body: bytes) -> dict[str, Any]:
+    def run_sync(self, request_id: int, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A CPU-only command, run to completion at once."""
+        self.command_counts[command] = self.command_counts.get(command, 0) + 1
         try:
-            request = decode(body)
-        except ValueError as exc:
-            self.errors += 1
-            return {"id": 0, "success": False, "error": f"invalid request: body is not JSON ({exc})"}
-        request_id = request.get("id") if isinstance(request, dict) else None
-        if not isinstance(request_id, int) or isinstance(request_id, bool):
-            self.errors += 1
-            return {"id": 0, "success": False, "error": "invalid request: expected an object with an integer id"}
-        command, args = request.get("command"), request.get("args", {})
-        if args is None:
-            args = {}
-        if not isinstance(command, str) or not isinstance(args, dict):
-            self.errors += 1
-            return {"id": request_id, "success": False,
-                    "error": "invalid request: command must be a string and args an object"}
+            return {"id": request_id, "success": True, "result": self.handlers[command](args)}
+        except Exception as exc:
+            return self.failure(request_id, command, exc)
+
+    async def run_async(self, request_id: int, command: str, args: dict[str, Any],
+                        ctx: "RequestContext") -> dict[str, Any]:
+        """An LM-bound command, awaited on the loop (its own asyncio task)."""
+        self.command_counts[command] = self.command_counts.get(command, 0) + 1
         try:
-            handler = self.handlers.get(command)
-            if handler is None:
-                raise CommandError(f"Unknown command: {command}")
-            self.command_counts[command] = self.command_counts.get(command, 0) + 1
-            return {"id": request_id, "success": True, "result": handler(args)}
-        except CommandError as exc:
+            return {"id": request_id, "success": True, "result": await self.async_handlers[command](args, ctx)}
+        except asyncio.CancelledError:
             self.errors += 1
+            return {"id": request_id, "success": False, "error": "cancelled"}
+        except Exception as exc:
+            return self.failure(request_id, command, exc)
+
+    def failure(self, request_id: int | None, command: str, exc: BaseException) -> dict[str, Any]:
+        self.errors += 1
+        if isinstance(exc, CommandError):
             log.debug("%s failed: %s", command, exc)
             return {"id": request_id, "success": False, "error": str(exc)}
-        except Exception as exc:  # DSPy/LiteLLM errors: report, keep serving
-            self.errors += 1
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s failed: %s", command, error.splitlines()[0],
-                        exc_info=log.isEnabledFor(logging.DEBUG))  # tracebacks only at DEBUG
-            return {"id": request_id, "success": False, "error": error}
+        error = f"{type(exc).__name__}: {exc}"  # DSPy/LiteLLM errors: report, keep serving
+        log.warning("%s failed: %s", command, error.splitlines()[0] if error else type(exc).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG))  # tracebacks only at DEBUG
+        return {"id": request_id, "success": False, "error": error}
 
     def _namespace(self, args: dict[str, Any]) -> str:
         if self.mode != "pool-worker":
@@ -568,16 +651,17 @@ class Bridge:
         return {"program_id": program_id, "status": "created", "signature": spec.get("signature"),
                 "program_type": program.program_type, "created_at": program.created_at}
 
-    def execute_gemini_program(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def execute_gemini_program(self, args: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
         _, program = self._program(args)
         if program.gemini_model is None:
             raise CommandError(f"Program {program.id} is not a Gemini program")
-        result = self.execute_program(args)
+        result = await self.execute_program(args, ctx)
         outputs = result["outputs"]
         result["raw_response"] = "\n".join(f"{k}: {v}" for k, v in outputs.items())
         return result
 
-    def execute_program(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _execution(self, args: dict[str, Any]) -> tuple[Program, Any, dict[str, Any]]:
+        """Validate an execute request (before any await): (program, LM or None for the global one, kwargs)."""
         session, program = self._program(args)
         inputs = args.get("inputs") or {}
         if not isinstance(inputs, dict):
@@ -592,13 +676,17 @@ class Bridge:
             lm = program.gemini_lm
         if lm is None and dspy.settings.lm is None:
             raise CommandError("No LM is configured: call configure_lm first (globally or for this session)")
-        kwargs = {n: inputs[n] for n in program.input_names}  # extra keys are ignored
+        return program, lm, {n: inputs[n] for n in program.input_names}  # extra keys are ignored
+
+    async def execute_program(self, args: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        # The program and LM are taken now: a concurrent delete, cleanup or
+        # configure_lm of the same session affects later requests, not this one.
+        program, lm, kwargs = self._execution(args)
         started = time.perf_counter()
-        if lm is not None:
-            with dspy.context(lm=lm):
-                prediction = program.module(**kwargs)
-        else:
-            prediction = program.module(**kwargs)
+        # dspy.context sets a ContextVar: it holds for this task only, so
+        # concurrent requests of different sessions each see their own LM.
+        with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
+            prediction = await program.module.acall(**kwargs)
         elapsed_ms = (time.perf_counter() - started) * 1000
         program.executions += 1
         program.last_executed = time.time()
@@ -711,7 +799,7 @@ class Bridge:
                 "lm_configured": restored.lm is not None}
 
     def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.shutdown_requested = True  # main loop exits after the reply is written
+        self.shutdown_requested = True  # the process exits once the reply is written
         return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode,
                 "sessions_cleaned": len(self.sessions) if self.mode == "pool-worker" else 0}
 
@@ -740,13 +828,289 @@ def memory_percent(rss: int | None) -> float:
     return round(100.0 * (rss or 0) / total, 3) if total > 0 else 0.0
 
 
+# --------------------------------------------------------------------------- protocol
+
+PROTOCOL_VERSION = 2
+DEFAULT_CONCURRENCY = 64
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # the pool's default max_frame_size
+FRAME_LIMIT = (1 << 32) - 1  # what a 4-byte length can say
+FEATURES = ["cancel"]
+SMALL_FRAME = 64 * 1024  # frames up to this size are parsed on the reader thread (to spot pings)
+
+
+class Wire:
+    """The protocol's two descriptors. Frames are read by one thread; they are
+    written by the loop thread and (pings) the reader thread, under one lock."""
+
+    def __init__(self, request_fd: int, response_fd: int, max_frame: int) -> None:
+        self.request_fd, self.response_fd = request_fd, response_fd
+        self.max_frame = max_frame
+        self._write_lock = threading.Lock()
+
+    def send(self, frame: dict[str, Any], final: bool = True) -> None:
+        """Write one frame. A final frame (the reply) that cannot be encoded or
+        is over max_frame_size becomes an error reply for its request; an
+        intermediate one (an event) is dropped with a log line."""
+        request_id = frame.get("id")
+        try:
+            body = encode(frame)
+            error = None if len(body) <= self.max_frame else \
+                f"reply of {len(body)} bytes exceeds max_frame_size {self.max_frame}"
+        except (TypeError, ValueError, RecursionError, OverflowError, MemoryError) as exc:
+            body, error = b"", f"result could not be encoded as JSON: {type(exc).__name__}: {exc}"
+        if error is not None:
+            if not final:
+                log.warning("request %s: event dropped: %s", request_id, error)
+                return
+            log.warning("request %s: %s", request_id, error)
+            body = encode({"id": request_id, "success": False, "error": error})
+        with self._write_lock:
+            try:
+                write_frame(self.response_fd, body)
+            except (BrokenPipeError, ConnectionResetError):
+                os._exit(0)  # the reader of our replies is gone
+
+
+class RequestContext:
+    """What a running request may do besides returning its result."""
+
+    def __init__(self, server: "Server", request_id: int) -> None:
+        self.server, self.id = server, request_id
+
+    def event(self, kind: str, **payload: Any) -> None:
+        self.server.wire.send({"id": self.id, "event": kind, **payload}, final=False)
+
+
+class Server:
+    """Reads requests on a thread, runs them on the asyncio loop of the main thread.
+
+    Protocol 1 (no handshake): one request at a time, in order, as DSPex's
+    bridge did. Protocol 2 (the pool's first ping carries ``handshake`` and
+    ``protocol: 2``): every LM-bound request is its own task (up to the
+    announced concurrency, which the pool enforces), replies leave in any
+    order, ``{"id": N, "control": "cancel"}`` cancels request N's task, and a
+    ping is answered at once by the reader thread even while the loop is busy.
+    CPU-only commands run as plain loop callbacks, never inside a task: DSPy
+    allows ``dspy.configure`` only outside tasks (or in the one task that
+    called it first), and only on the main thread.
+    """
+
+    def __init__(self, bridge: Bridge, wire: Wire, concurrency: int, protocol: int) -> None:
+        self.bridge, self.wire = bridge, wire
+        self.concurrency, self.max_protocol = concurrency, protocol
+        self.protocol = 1  # until a handshake says otherwise
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._attach_lock = threading.Lock()
+        self._backlog: list[tuple[bytes, Any]] = []  # frames read before the loop runs
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.contexts: dict[int, RequestContext] = {}
+        self._serial: collections.deque[dict[str, Any]] = collections.deque()  # protocol 1 queue
+        self._serial_busy = False
+
+    # -- reader thread
+
+    def start_reader(self) -> None:
+        threading.Thread(target=self._read_loop, name="request-reader", daemon=True).start()
+
+    def _read_loop(self) -> None:
+        fd = self.wire.request_fd
+        try:
+            while (header := read_exact(fd, 4)) is not None:
+                size = int.from_bytes(header, "big")
+                if size > self.wire.max_frame:
+                    prefix = read_exact(fd, min(size, 64))
+                    if prefix is None or not skip_exact(fd, size - len(prefix)):
+                        break
+                    self.wire.send({"id": request_id_from_prefix(prefix), "success": False,
+                                    "error": f"request of {size} bytes exceeds max_frame_size {self.wire.max_frame}"})
+                    continue
+                body = read_exact(fd, size)
+                if body is None:
+                    break
+                self._received(body)
+        except OSError as exc:
+            log.error("reading requests failed: %s", exc)
+        # The VM closed our stdin (or died): nobody can read our answers any
+        # more, so end now rather than finish whatever the loop runs.
+        os._exit(0)
+
+    def _received(self, body: bytes) -> None:
+        request = None
+        if self.protocol >= 2 and len(body) <= SMALL_FRAME:
+            try:
+                request = decode(body)
+            except ValueError:
+                request = None  # the loop answers it as unparseable
+            if isinstance(request, dict) and request.get("command") == "ping" and self._valid_id(request):
+                args = request.get("args")
+                if not (isinstance(args, dict) and args.get("handshake")):
+                    self.wire.send({"id": request["id"], "success": True,
+                                    "result": self._ping_result(args if isinstance(args, dict) else {})})
+                    return
+        with self._attach_lock:
+            if self.loop is None:
+                self._backlog.append((body, request))
+                return
+        self.loop.call_soon_threadsafe(self._dispatch, body, request)
+
+    # -- loop thread
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # DSPy's async LM path hops to threads (asyncio.to_thread) for cache
+        # and pricing work: size the default pool for the requests in flight.
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, min(self.concurrency, 64)), thread_name_prefix="dspy"))
+        with self._attach_lock:
+            self.loop = loop
+            for body, request in self._backlog:
+                loop.call_soon(self._dispatch, body, request)
+            self._backlog.clear()
+        await loop.create_future()  # forever: the process ends through os._exit
+
+    @staticmethod
+    def _valid_id(request: dict[str, Any]) -> bool:
+        rid = request.get("id")
+        return isinstance(rid, int) and not isinstance(rid, bool)
+
+    def _ping_result(self, args: dict[str, Any]) -> dict[str, Any]:
+        result = self.bridge.ping(args)
+        result["in_flight"] = len(self.tasks)
+        if self.protocol >= 2:
+            result.update(protocol=self.protocol, concurrency=self.concurrency, features=FEATURES)
+        return result
+
+    def _dispatch(self, body: bytes, request: Any) -> None:
+        if request is None:
+            try:
+                request = decode(body)
+            except (ValueError, RecursionError) as exc:
+                self.bridge.errors += 1
+                self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                                "error": f"invalid request: body is not JSON ({exc})"})
+                return
+        if not isinstance(request, dict) or not self._valid_id(request):
+            self.bridge.errors += 1
+            self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                            "error": "invalid request: expected an object with an integer id"})
+            return
+        if "control" in request:
+            self._control(request)
+            return
+        rid, command, args = request["id"], request.get("command"), request.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(command, str) or not isinstance(args, dict):
+            self.bridge.errors += 1
+            self.wire.send({"id": rid, "success": False,
+                            "error": "invalid request: command must be a string and args an object"})
+            return
+        if command == "ping" and args.get("handshake"):
+            self._handshake(args)
+        if self.protocol >= 2:
+            self._start(rid, command, args)
+        else:
+            self._serial.append({"id": rid, "command": command, "args": args})
+            self._pump()
+
+    def _handshake(self, args: dict[str, Any]) -> None:
+        wanted = args.get("protocol")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 2 and self.max_protocol >= 2:
+            self.protocol = PROTOCOL_VERSION
+        size = args.get("max_frame_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            self.wire.max_frame = min(size, FRAME_LIMIT)
+
+    def _start(self, rid: int, command: str, args: dict[str, Any]) -> None:
+        """Protocol 2: run now; an LM-bound command becomes a task."""
+        if command not in self.bridge.async_handlers:
+            self._reply_sync(rid, command, args)
+            return
+        if rid in self.tasks:
+            self.bridge.errors += 1
+            self.wire.send({"id": rid, "success": False, "error": f"request id {rid} is already in flight"})
+            return
+        self._spawn(rid, command, args)
+
+    def _spawn(self, rid: int, command: str, args: dict[str, Any]) -> asyncio.Task[Any]:
+        ctx = RequestContext(self, rid)
+        task = self.loop.create_task(self._run_task(rid, command, args, ctx))
+        self.tasks[rid], self.contexts[rid] = task, ctx
+        return task
+
+    async def _run_task(self, rid: int, command: str, args: dict[str, Any], ctx: RequestContext) -> None:
+        try:
+            reply = await self.bridge.run_async(rid, command, args, ctx)
+        finally:
+            self.tasks.pop(rid, None)
+            self.contexts.pop(rid, None)
+        self.wire.send(reply)
+
+    def _reply_sync(self, rid: int, command: str, args: dict[str, Any]) -> None:
+        if command == "ping":
+            self.bridge.command_counts["ping"] = self.bridge.command_counts.get("ping", 0) + 1
+            reply = {"id": rid, "success": True, "result": self._ping_result(args)}
+        elif command in self.bridge.handlers:
+            reply = self.bridge.run_sync(rid, command, args)
+        else:
+            reply = self.bridge.failure(rid, command, CommandError(f"Unknown command: {command}"))
+        self.wire.send(reply)
+        if self.bridge.shutdown_requested:
+            logging.shutdown()
+            os._exit(0)  # skip interpreter teardown: library threads must not keep us alive
+
+    def _pump(self) -> None:
+        """Protocol 1: one request at a time, replies in request order."""
+        while self._serial and not self._serial_busy:
+            request = self._serial.popleft()
+            rid, command, args = request["id"], request["command"], request["args"]
+            if command not in self.bridge.async_handlers:
+                self._reply_sync(rid, command, args)
+                continue
+            self._serial_busy = True
+            self._spawn(rid, command, args).add_done_callback(self._serial_done)
+
+    def _serial_done(self, _task: asyncio.Task[Any]) -> None:
+        self._serial_busy = False
+        self._pump()
+
+    def _control(self, frame: dict[str, Any]) -> None:
+        kind, rid = frame.get("control"), frame["id"]
+        if kind == "cancel":
+            task = self.tasks.get(rid)
+            if task is not None:  # an unknown or finished id is ignored
+                task.cancel()
+        else:
+            log.warning("unknown control frame %r for request %s ignored", kind, rid)
+
+
 # --------------------------------------------------------------------------- main
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a positive integer, got: {value!r}") from None
+    if number <= 0:
+        raise SystemExit(f"{name} must be a positive integer, got: {value!r}")
+    return number
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DSPy worker for dspex_native_pool")
     parser.add_argument("--mode", choices=["standalone", "pool-worker"], default="standalone")
     parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--concurrency", default=os.environ.get("DSPY_BRIDGE_CONCURRENCY", str(DEFAULT_CONCURRENCY)),
+                        help="requests in flight at once under protocol 2 (env DSPY_BRIDGE_CONCURRENCY; default 64)")
+    parser.add_argument("--protocol", choices=["1", "2"], default=os.environ.get("DSPY_BRIDGE_PROTOCOL", "2"),
+                        help="highest protocol to accept in the handshake (env DSPY_BRIDGE_PROTOCOL; default 2)")
+    parser.add_argument("--max-frame-size",
+                        default=os.environ.get("DSPY_BRIDGE_MAX_FRAME_SIZE", str(DEFAULT_MAX_FRAME)),
+                        help="largest frame read or written until the handshake says otherwise "
+                             "(env DSPY_BRIDGE_MAX_FRAME_SIZE; default 64 MiB)")
     opts = parser.parse_args(argv)
+    concurrency = _positive_int("--concurrency", opts.concurrency)
+    max_frame = min(_positive_int("--max-frame-size", opts.max_frame_size), FRAME_LIMIT)
 
     started = time.monotonic()
     request_fd, response_fd = claim_stdio()
@@ -759,8 +1123,10 @@ def main(argv: list[str] | None = None) -> None:
         # ends workers through stdin EOF, shutdown or SIGTERM instead.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    frames: queue.Queue[bytes] = queue.Queue()
-    start_reader(request_fd, frames)  # before the import: EOF during it still ends us
+    wire = Wire(request_fd, response_fd, max_frame)
+    bridge = Bridge(opts.mode, opts.worker_id, started)
+    server = Server(bridge, wire, concurrency, int(opts.protocol))
+    server.start_reader()  # before the import: EOF during it still ends us; frames wait for the loop
 
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
     os.environ.setdefault("DSPY_CACHEDIR", os.path.join(tempfile.gettempdir(), f"dspex_dspy_cache_{os.getuid()}"))
@@ -783,24 +1149,9 @@ def main(argv: list[str] | None = None) -> None:
     # This also makes the main thread DSPy's config owner.
     dspy.configure(disable_history=True, max_trace_size=0)
 
-    bridge = Bridge(opts.mode, opts.worker_id, started)
     log.info("worker %s ready (mode %s, dspy %s, pid %d, %.2fs)", opts.worker_id or "-", opts.mode,
              dspy.__version__, os.getpid(), time.monotonic() - started)
-
-    while True:
-        response = bridge.handle_frame(frames.get())
-        try:
-            body = encode(response)
-        except (TypeError, ValueError) as exc:
-            body = encode({"id": response.get("id", 0), "success": False,
-                           "error": f"result could not be encoded as JSON: {exc}"})
-        try:
-            write_frame(response_fd, body)
-        except BrokenPipeError:
-            os._exit(0)  # the reader of our replies is gone
-        if bridge.shutdown_requested:
-            logging.shutdown()
-            os._exit(0)  # skip interpreter teardown: library threads must not keep us alive
+    asyncio.run(server.run())
 
 
 if __name__ == "__main__":

@@ -32,19 +32,24 @@ LAUNCHER = textwrap.dedent("""
         sys.modules["orjson"] = None  # "import orjson" now raises ImportError
     if os.environ.get("LAUNCH_NOISY_DSPY") == "1":
         import dspy
-        original = dspy.Predict.forward
-        def forward(self, **kwargs):
+        original, original_async = dspy.Predict.forward, dspy.Predict.aforward
+        def misbehave(kwargs):
             values = " ".join(str(v) for v in kwargs.values())
             if "__print__" in values:
                 print("PRINTED-BY-LIBRARY")
                 os.write(1, b"WRITTEN-TO-FD-1\\n")
                 subprocess.run(["echo", "CHILD-STDOUT"], check=True)
-            if "__block__" in values:
+            if "__block__" in values:  # blocks the whole event loop
                 sys.stderr.write("LONG-CALL-STARTED\\n")
                 sys.stderr.flush()
                 threading.Event().wait(120)
+        def forward(self, **kwargs):
+            misbehave(kwargs)
             return original(self, **kwargs)
-        dspy.Predict.forward = forward
+        async def aforward(self, **kwargs):
+            misbehave(kwargs)
+            return await original_async(self, **kwargs)
+        dspy.Predict.forward, dspy.Predict.aforward = forward, aforward
     sys.argv = [script, *sys.argv[2:]]
     runpy.run_path(script, run_name="__main__")
 """)
@@ -186,3 +191,52 @@ def program(session_id: str, program_id: str | None, program_type: str = "predic
 
 def execute(session_id: str, program_id: str, **inputs: Any) -> dict[str, Any]:
     return {"session_id": session_id, "program_id": program_id, "inputs": inputs}
+
+
+LM_SERVER = ROOT / "priv" / "python" / "lm_server.py"
+
+
+class LMServerProcess:
+    """priv/python/lm_server.py on a free port."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(LM_SERVER), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"lm_server did not print its port: {line!r}")
+        self.port = int(line)
+        self.api_base = f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        import urllib.request
+        with urllib.request.urlopen(f"{self.api_base}/stats", timeout=REPLY_TIMEOUT) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def handshake(w: Worker, max_frame_size: int = 64 * 1024 * 1024) -> dict[str, Any]:
+    """The pool's first request under protocol 2."""
+    return w.ok("ping", {"handshake": True, "protocol": 2, "max_frame_size": max_frame_size})
+
+
+def read_replies(w: Worker, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Read frames until every id has its final reply (events are collected under "events")."""
+    replies: dict[int, dict[str, Any]] = {}
+    events: dict[int, list[dict[str, Any]]] = {}
+    while not set(ids) <= set(replies):
+        frame = w.read_reply()
+        if "event" in frame:
+            events.setdefault(frame["id"], []).append(frame)
+        else:
+            assert frame["id"] not in replies, f"two replies for {frame['id']}: {frame}"
+            replies[frame["id"]] = frame
+    for rid, evs in events.items():
+        replies.setdefault(rid, {})["events"] = evs
+    return replies

@@ -255,12 +255,12 @@ class BridgePoolWorkerTest(unittest.TestCase):
     def test_invalid_frames_and_commands(self) -> None:
         self.w.send_body(b"not json{")
         reply = self.w.read_reply()
-        self.assertEqual((reply["id"], reply["success"]), (0, False))
+        self.assertEqual((reply["id"], reply["success"]), (None, False))
         self.assertTrue(reply["error"].startswith("invalid request"), reply)
         self.w.send_body(b"\xff\xfe{}")  # not UTF-8
-        self.assertEqual(self.w.read_reply()["id"], 0)
+        self.assertEqual(self.w.read_reply()["id"], None)
         self.w.send_body(b"[1, 2]")
-        self.assertEqual(self.w.read_reply()["id"], 0)
+        self.assertEqual(self.w.read_reply()["id"], None)
         self.w.send_body(json.dumps({"id": 77, "command": "ping", "args": [1]}).encode())
         reply = self.w.read_reply()
         self.assertEqual((reply["id"], reply["success"]), (77, False))
