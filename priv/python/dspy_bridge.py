@@ -154,10 +154,15 @@ def request_id_from_prefix(body: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# orjson reads an integer beyond 64 bits as a float (or refuses it); a frame
+# with a run of 20+ digits anywhere is parsed by the stdlib instead, which
+# keeps every integer exact.
+_LONG_DIGITS = re.compile(rb"\d{20}")
+
+
 def decode(body: bytes) -> Any:
-    """JSON -> Python. orjson first; the stdlib parser reads what orjson
-    refuses but JSON allows (integers beyond 64 bits)."""
-    if orjson:
+    """JSON -> Python, integers of any size kept exact."""
+    if orjson and not _LONG_DIGITS.search(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
