@@ -445,7 +445,7 @@ class TestWorkerTest(unittest.TestCase):
         self.assertEqual(self.w.read_reply(), {"id": request_id, "result": 1})
         self.w.send_body(b"{not json")
         reply = self.w.read_reply()
-        self.assertEqual((reply["id"], reply["success"]), (0, False))
+        self.assertEqual((reply["id"], reply["success"]), (None, False))
         self.assertEqual(self.w.ok("ping")["status"], "ok")
 
     def test_sessions(self) -> None:
