@@ -44,6 +44,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -428,6 +429,7 @@ class Program:
     created_at: float = field(default_factory=time.time)
     executions: int = 0
     last_executed: float | None = None
+    stream_fields: list[str] = field(default_factory=list)  # output fields a stream sends chunks of
     gemini_model: str | None = None  # set for create_gemini_program's programs
     gemini_lm: Any = None  # built on first use when no LM is configured
 
@@ -440,6 +442,44 @@ class Program:
         if session_id is not None:
             entry["session_id"] = session_id
         return entry
+
+
+# The request whose task is running: a pool tool reaches the pool through it.
+CURRENT_REQUEST: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "dspex_current_request", default=None)
+JSON_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
+
+
+def pool_tool(spec: dict[str, Any]) -> Any:
+    """A ReAct tool declared as {name, description, args} whose implementation
+    lives in the pool (Elixir): calling it sends a tool_call event for the
+    running request and awaits the pool's tool_result. A tool error (ok:
+    false) raises, which ReAct turns into an observation the agent reads."""
+    name, desc, args = spec.get("name"), spec.get("description") or spec.get("desc") or "", spec.get("args") or {}
+    if not isinstance(name, str) or not name.isidentifier() or name == "finish":
+        raise CommandError(f"tools: invalid tool name {name!r} (an identifier other than finish)")
+    if not isinstance(desc, str):
+        raise CommandError(f"tools: description of {name} must be a string")
+    if not isinstance(args, dict):
+        raise CommandError(f"tools: args of {name} must be an object (arg name -> type or JSON schema)")
+    schema: dict[str, Any] = {}
+    for arg, decl in args.items():
+        if not isinstance(arg, str) or not arg.isidentifier():
+            raise CommandError(f"tools: invalid arg name {arg!r} for {name}")
+        if isinstance(decl, str):
+            decl = {"type": decl}
+        if not isinstance(decl, dict) or decl.get("type", "string") not in JSON_TYPES:
+            raise CommandError(f"tools: arg {arg} of {name} needs a JSON type ({', '.join(sorted(JSON_TYPES))}) "
+                               f"or a JSON schema object")
+        schema[arg] = dict(decl)
+
+    async def call(**kwargs: Any) -> Any:
+        ctx = CURRENT_REQUEST.get()
+        if ctx is None or ctx.server.protocol < 2:
+            raise RuntimeError(f"tool {name} runs in the pool, which needs protocol 2")
+        return await ctx.call_tool(name, kwargs)
+
+    return dspy.Tool(call, name=name, desc=desc, args=schema, arg_types={arg: Any for arg in schema})
 
 
 def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, str, Any]]:
@@ -491,13 +531,18 @@ def build_program(spec: dict[str, Any], program_id: str) -> Program:
     if instructions is not None and not isinstance(instructions, str):
         raise CommandError("signature.instructions must be a string")
 
-    tool_names = spec.get("tools") or []
-    if not isinstance(tool_names, list) or not all(isinstance(t, str) for t in tool_names):
-        raise CommandError("tools must be a list of tool names")
-    if tool_names and program_type != "react":
+    tool_specs = spec.get("tools") or []
+    if not isinstance(tool_specs, list) or not all(isinstance(t, (str, dict)) for t in tool_specs):
+        raise CommandError("tools must be a list of tool names or tool declarations")
+    if tool_specs and program_type != "react":
         raise CommandError("tools are only supported by react programs")
+    tool_names = [t for t in tool_specs if isinstance(t, str)]
     if unknown := [t for t in tool_names if t not in BUILTIN_TOOLS]:
         raise CommandError(f"Unknown tools: {unknown} (available: {', '.join(BUILTIN_TOOLS)})")
+    tools: list[Any] = [BUILTIN_TOOLS[t] if isinstance(t, str) else pool_tool(t) for t in tool_specs]
+    names = [t if isinstance(t, str) else t["name"] for t in tool_specs]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise CommandError(f"tools: duplicate names {dupes}")
 
     signature = dspy.make_signature(
         {**{n: (t, dspy.InputField(desc=d)) for n, d, t in inputs},
@@ -508,16 +553,19 @@ def build_program(spec: dict[str, Any], program_id: str) -> Program:
     elif program_type == "chain_of_thought":
         module = dspy.ChainOfThought(signature)
     else:  # ReAct always adds its own "finish" tool, so an empty list is valid
-        module = dspy.ReAct(signature, tools=[BUILTIN_TOOLS[t] for t in tool_names])
+        module = dspy.ReAct(signature, tools=tools)
     if gemini:
         model = spec.get("model") or "gemini-1.5-flash"
         if not isinstance(model, str):
             raise CommandError("model must be a string")
         return Program(id=program_id, program_type="gemini", module=module,
                        spec={**spec, "id": program_id, "model": model},
-                       input_names=[n for n, _, _ in inputs], gemini_model=model)
+                       input_names=[n for n, _, _ in inputs], gemini_model=model,
+                       stream_fields=[n for n, _, _ in outputs])
+    stream_fields = (["reasoning"] if program_type != "predict" else []) + [n for n, _, _ in outputs]
     return Program(id=program_id, program_type=program_type, module=module,
-                   spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs])
+                   spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs],
+                   stream_fields=stream_fields)
 
 
 @dataclass
@@ -687,17 +735,48 @@ class Bridge:
         # The program and LM are taken now: a concurrent delete, cleanup or
         # configure_lm of the same session affects later requests, not this one.
         program, lm, kwargs = self._execution(args)
+        stream = args.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise CommandError("stream must be a boolean")
         started = time.perf_counter()
+        CURRENT_REQUEST.set(ctx)  # this task's context only
         # dspy.context sets a ContextVar: it holds for this task only, so
         # concurrent requests of different sessions each see their own LM.
         with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
-            prediction = await program.module.acall(**kwargs)
+            if stream and ctx.server.protocol >= 2 and program.stream_fields:
+                prediction = await self._stream(program, kwargs, ctx)
+            else:
+                prediction = await program.module.acall(**kwargs)
         elapsed_ms = (time.perf_counter() - started) * 1000
         program.executions += 1
         program.last_executed = time.time()
         self.executions += 1
         return {"program_id": program.id, "outputs": to_jsonable(dict(prediction.items())),
                 "execution_time_ms": round(elapsed_ms, 3), "execution_time": time.time()}
+
+    @staticmethod
+    async def _stream(program: Program, kwargs: dict[str, Any], ctx: RequestContext) -> Any:
+        """Run through dspy.streamify over the LM's own streaming: each piece of
+        an output field goes out as a chunk event, in order, before the reply."""
+        from dspy.streaming import StreamListener, StreamResponse
+
+        listeners = [StreamListener(signature_field_name=name, allow_reuse=True) for name in program.stream_fields]
+        streaming = dspy.streamify(program.module, stream_listeners=listeners, async_streaming=True,
+                                   include_final_prediction_in_output_stream=True)
+        prediction = None
+        output = streaming(**kwargs)
+        try:
+            async for item in output:
+                if isinstance(item, StreamResponse):
+                    if item.chunk:
+                        ctx.event("chunk", field=item.signature_field_name, text=item.chunk)
+                elif isinstance(item, dspy.Prediction):
+                    prediction = item
+        finally:
+            await output.aclose()
+        if prediction is None:
+            raise RuntimeError("the stream ended without a prediction")
+        return prediction
 
     def list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.mode != "pool-worker":
@@ -839,7 +918,7 @@ PROTOCOL_VERSION = 2
 DEFAULT_CONCURRENCY = 64
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # the pool's default max_frame_size
 FRAME_LIMIT = (1 << 32) - 1  # what a 4-byte length can say
-FEATURES = ["cancel"]
+FEATURES = ["cancel", "chunks", "tool_calls"]
 SMALL_FRAME = 64 * 1024  # frames up to this size are parsed on the reader thread (to spot pings)
 
 
@@ -881,9 +960,30 @@ class RequestContext:
 
     def __init__(self, server: "Server", request_id: int) -> None:
         self.server, self.id = server, request_id
+        self._calls = itertools.count(1)
+        self._tool_results: dict[int, asyncio.Future[Any]] = {}
 
     def event(self, kind: str, **payload: Any) -> None:
         self.server.wire.send({"id": self.id, "event": kind, **payload}, final=False)
+
+    async def call_tool(self, name: str, args: dict[str, Any]) -> Any:
+        """A tool_call event, then the pool's tool_result for it."""
+        call_id = next(self._calls)
+        future = asyncio.get_running_loop().create_future()
+        self._tool_results[call_id] = future
+        try:
+            self.event("tool_call", call_id=call_id, name=name, args=to_jsonable(args))
+            frame = await future
+        finally:
+            self._tool_results.pop(call_id, None)
+        if frame.get("ok") is True:
+            return frame.get("result")
+        raise RuntimeError(str(frame.get("error") or "the tool failed"))
+
+    def tool_result(self, frame: dict[str, Any]) -> None:
+        future = self._tool_results.get(frame.get("call_id"))
+        if future is not None and not future.done():
+            future.set_result(frame)
 
 
 class Server:
@@ -1085,6 +1185,10 @@ class Server:
             task = self.tasks.get(rid)
             if task is not None:  # an unknown or finished id is ignored
                 task.cancel()
+        elif kind == "tool_result":
+            ctx = self.contexts.get(rid)
+            if ctx is not None:
+                ctx.tool_result(frame)
         else:
             log.warning("unknown control frame %r for request %s ignored", kind, rid)
 
