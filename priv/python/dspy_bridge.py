@@ -1011,6 +1011,10 @@ class Server:
         self.contexts: dict[int, RequestContext] = {}
         self._serial: collections.deque[dict[str, Any]] = collections.deque()  # protocol 1 queue
         self._serial_busy = False
+        # Frames handed to the loop, and those of them fully answered: each
+        # counter is written by one thread only, so reading both is safe.
+        self._submitted = 0
+        self._finished = 0
 
     # -- reader thread
 
@@ -1041,18 +1045,23 @@ class Server:
 
     def _received(self, body: bytes) -> None:
         request = None
-        if self.protocol >= 2 and len(body) <= SMALL_FRAME:
+        # A ping is answered here, at once, under protocol 2 (replies may
+        # leave in any order) and under protocol 1 when nothing is pending
+        # (so the reply order is kept). The handshake goes to the loop.
+        if len(body) <= SMALL_FRAME and self.loop is not None and (
+                self.protocol >= 2 or self._submitted == self._finished):
             try:
                 request = decode(body)
             except ValueError:
                 request = None  # the loop answers it as unparseable
             if isinstance(request, dict) and request.get("command") == "ping" and self._valid_id(request):
-                args = request.get("args")
-                if not (isinstance(args, dict) and args.get("handshake")):
-                    self.wire.send({"id": request["id"], "success": True,
-                                    "result": self._ping_result(args if isinstance(args, dict) else {})})
+                args = request.get("args", {})
+                args = {} if args is None else args
+                if isinstance(args, dict) and not args.get("handshake"):
+                    self.wire.send({"id": request["id"], "success": True, "result": self._ping_result(args)})
                     return
         with self._attach_lock:
+            self._submitted += 1  # written by this thread only
             if self.loop is None:
                 self._backlog.append((body, request))
                 return
@@ -1086,6 +1095,12 @@ class Server:
         return result
 
     def _dispatch(self, body: bytes, request: Any) -> None:
+        """One frame from the reader; counted finished once it is answered (or needs no answer)."""
+        if not self._handle(body, request):
+            self._finished += 1
+
+    def _handle(self, body: bytes, request: Any) -> bool:
+        """True if the frame became a task or a queued request, which count themselves finished."""
         if request is None:
             try:
                 request = decode(body)
@@ -1093,15 +1108,15 @@ class Server:
                 self.bridge.errors += 1
                 self.wire.send({"id": request_id_from_prefix(body), "success": False,
                                 "error": f"invalid request: body is not JSON ({exc})"})
-                return
+                return False
         if not isinstance(request, dict) or not self._valid_id(request):
             self.bridge.errors += 1
             self.wire.send({"id": request_id_from_prefix(body), "success": False,
                             "error": "invalid request: expected an object with an integer id"})
-            return
+            return False
         if "control" in request:
             self._control(request)
-            return
+            return False
         rid, command, args = request["id"], request.get("command"), request.get("args", {})
         if args is None:
             args = {}
@@ -1109,14 +1124,14 @@ class Server:
             self.bridge.errors += 1
             self.wire.send({"id": rid, "success": False,
                             "error": "invalid request: command must be a string and args an object"})
-            return
+            return False
         if command == "ping" and args.get("handshake"):
             self._handshake(args)
         if self.protocol >= 2:
-            self._start(rid, command, args)
-        else:
-            self._serial.append({"id": rid, "command": command, "args": args})
-            self._pump()
+            return self._start(rid, command, args)
+        self._serial.append({"id": rid, "command": command, "args": args})
+        self._pump()
+        return True
 
     def _handshake(self, args: dict[str, Any]) -> None:
         wanted = args.get("protocol")
@@ -1126,16 +1141,17 @@ class Server:
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
             self.wire.max_frame = min(size, FRAME_LIMIT)
 
-    def _start(self, rid: int, command: str, args: dict[str, Any]) -> None:
-        """Protocol 2: run now; an LM-bound command becomes a task."""
+    def _start(self, rid: int, command: str, args: dict[str, Any]) -> bool:
+        """Protocol 2: run now; an LM-bound command becomes a task (True)."""
         if command not in self.bridge.async_handlers:
             self._reply_sync(rid, command, args)
-            return
+            return False
         if rid in self.tasks:
             self.bridge.errors += 1
             self.wire.send({"id": rid, "success": False, "error": f"request id {rid} is already in flight"})
-            return
+            return False
         self._spawn(rid, command, args)
+        return True
 
     def _spawn(self, rid: int, command: str, args: dict[str, Any]) -> asyncio.Task[Any]:
         ctx = RequestContext(self, rid)
@@ -1150,6 +1166,7 @@ class Server:
             self.tasks.pop(rid, None)
             self.contexts.pop(rid, None)
         self.wire.send(reply)
+        self._finished += 1
 
     def _reply_sync(self, rid: int, command: str, args: dict[str, Any]) -> None:
         if command == "ping":
@@ -1171,6 +1188,7 @@ class Server:
             rid, command, args = request["id"], request["command"], request["args"]
             if command not in self.bridge.async_handlers:
                 self._reply_sync(rid, command, args)
+                self._finished += 1
                 continue
             self._serial_busy = True
             self._spawn(rid, command, args).add_done_callback(self._serial_done)

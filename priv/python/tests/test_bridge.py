@@ -261,7 +261,7 @@ class BridgePoolWorkerTest(unittest.TestCase):
         self.assertEqual(self.w.read_reply()["id"], None)
         self.w.send_body(b"[1, 2]")
         self.assertEqual(self.w.read_reply()["id"], None)
-        self.w.send_body(json.dumps({"id": 77, "command": "ping", "args": [1]}).encode())
+        self.w.send_body(json.dumps({"id": 77, "command": "ping", "args": [1]}).encode())  # the fast ping path too
         reply = self.w.read_reply()
         self.assertEqual((reply["id"], reply["success"]), (77, False))
         self.assertEqual(self.w.error("frobnicate"), "Unknown command: frobnicate")
