@@ -258,8 +258,16 @@ class Worker:
         return {"pid": child.pid, "pgid": os.getpgid(child.pid)}
 
     def go_silent(self, args):
-        self.silent = True  # nothing is ever written again; reading continues (stdin EOF still ends us)
-        raise Reply(None)
+        """Never write anything again (reading continues: stdin EOF still ends us). With after_ms:
+        reply now, fall silent that much later (requests in flight then never get their reply)."""
+        after_ms = args.get("after_ms")
+        if after_ms is None:
+            self.silent = True
+            raise Reply(None)
+        timer = threading.Timer(after_ms / 1000, lambda: setattr(self, "silent", True))
+        timer.daemon = True
+        timer.start()
+        return {"silent_in_ms": after_ms}
 
     def fail(self, args):
         raise ValueError(args.get("message", "failed on request"))

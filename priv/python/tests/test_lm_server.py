@@ -95,6 +95,28 @@ class LMServerTest(unittest.TestCase):
         self.assertGreater(len(chunks), 5)
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
 
+    def test_hundreds_of_concurrent_connections(self) -> None:
+        body = json.dumps({"model": "test", "messages": PROMPT}).encode()
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+        async def one() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+            writer.write(request)
+            data = await reader.read()
+            writer.close()
+            return data
+
+        async def run() -> list:
+            return await asyncio.gather(*[one() for _ in range(300)])
+
+        before = self.server.stats()
+        answers = asyncio.run(run())
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 200 OK") and b"answer to why?" in a for a in answers))
+        after = self.server.stats()
+        self.assertEqual(after["served"] - before["served"], 300)
+        self.assertGreaterEqual(after["peak_in_flight"], 250)  # latency 1 s: they all waited together
+
     def test_bad_requests(self) -> None:
         status, _, body = post(self.server.port, {"nope": 1})
         self.assertEqual(status, 400)

@@ -82,6 +82,18 @@ class MisbehaviourTest(unittest.TestCase):
         finally:
             w.stop()
 
+    def test_go_silent_later_leaves_requests_in_flight_unanswered(self) -> None:
+        w = Worker(TEST_WORKER, env={"TEST_WORKER_PROTOCOL": "2"})
+        try:
+            handshake(w)
+            w.send("sleep", {"ms": 300})
+            self.assertEqual(w.ok("go_silent", {"after_ms": 50}), {"silent_in_ms": 50})
+            self.assertRaises(TimeoutError, w.read_exact, 4, 1.0)  # neither the sleep's reply ...
+            w.send("ping")
+            self.assertRaises(TimeoutError, w.read_exact, 4, 0.5)  # ... nor a ping's
+        finally:
+            w.stop()
+
 
 class ProtocolTwoTest(unittest.TestCase):
     def setUp(self) -> None:
