@@ -171,7 +171,10 @@ def decode(body: bytes) -> Any:
                 return json.loads(body)
             except (ValueError, RecursionError):
                 raise exc from None
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _json_dumps(obj: Any) -> bytes:
@@ -931,10 +934,11 @@ class Wire:
         self.max_frame = max_frame
         self._write_lock = threading.Lock()
 
-    def send(self, frame: dict[str, Any], final: bool = True) -> None:
-        """Write one frame. A final frame (the reply) that cannot be encoded or
-        is over max_frame_size becomes an error reply for its request; an
-        intermediate one (an event) is dropped with a log line."""
+    def send(self, frame: dict[str, Any], final: bool = True) -> bool:
+        """Write one frame; False if it had to be replaced or dropped. A final
+        frame (the reply) that cannot be encoded or is over max_frame_size
+        becomes an error reply for its request; an intermediate one (an
+        event) is dropped with a log line."""
         request_id = frame.get("id")
         try:
             body = encode(frame)
@@ -945,7 +949,7 @@ class Wire:
         if error is not None:
             if not final:
                 log.warning("request %s: event dropped: %s", request_id, error)
-                return
+                return False
             log.warning("request %s: %s", request_id, error)
             body = encode({"id": request_id, "success": False, "error": error})
         with self._write_lock:
@@ -953,6 +957,7 @@ class Wire:
                 write_frame(self.response_fd, body)
             except (BrokenPipeError, ConnectionResetError):
                 os._exit(0)  # the reader of our replies is gone
+        return error is None
 
 
 class RequestContext:
@@ -963,8 +968,8 @@ class RequestContext:
         self._calls = itertools.count(1)
         self._tool_results: dict[int, asyncio.Future[Any]] = {}
 
-    def event(self, kind: str, **payload: Any) -> None:
-        self.server.wire.send({"id": self.id, "event": kind, **payload}, final=False)
+    def event(self, kind: str, **payload: Any) -> bool:
+        return self.server.wire.send({"id": self.id, "event": kind, **payload}, final=False)
 
     async def call_tool(self, name: str, args: dict[str, Any]) -> Any:
         """A tool_call event, then the pool's tool_result for it."""
@@ -972,7 +977,8 @@ class RequestContext:
         future = asyncio.get_running_loop().create_future()
         self._tool_results[call_id] = future
         try:
-            self.event("tool_call", call_id=call_id, name=name, args=to_jsonable(args))
+            if not self.event("tool_call", call_id=call_id, name=name, args=to_jsonable(args)):
+                raise RuntimeError(f"the arguments of {name} could not be sent (see the worker's log)")
             frame = await future
         finally:
             self._tool_results.pop(call_id, None)
@@ -1036,7 +1042,12 @@ class Server:
                 body = read_exact(fd, size)
                 if body is None:
                     break
-                self._received(body)
+                try:
+                    self._received(body)
+                except Exception as exc:  # never lose the reader: it is also the stdin-EOF watchdog
+                    log.error("request dropped: %s: %s", type(exc).__name__, exc)
+                    self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                                    "error": f"invalid request: {type(exc).__name__}: {exc}"})
         except OSError as exc:
             log.error("reading requests failed: %s", exc)
         # The VM closed our stdin (or died): nobody can read our answers any

@@ -51,6 +51,12 @@ class FrameLimitTest(unittest.TestCase):
         self.assertIn("invalid request", reply["error"])
         self.w.send_body(b'{"id":"x","command":"ping"}')
         self.assertIsNone(self.w.read_reply()["id"])
+        # Nested deeper than any parser's stack, with a long number (the stdlib parser's path).
+        for deep in (b'{"id":43,"x":' + b"[" * 2000 + b"12345678901234567890" + b"]" * 2000 + b"}",
+                     b'{"id":44,"x":' + b"[" * 2000 + b"]" * 2000 + b"}"):
+            self.w.send_body(deep)
+            reply = self.w.read_reply()
+            self.assertEqual((reply["id"], reply["success"]), (int(deep[6:8]), False))
         self.assertEqual(self.w.ok("ping")["status"], "ok")
 
 
