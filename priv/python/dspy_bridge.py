@@ -587,6 +587,7 @@ class Bridge:
         self.sessions: dict[str, Session] = {}
         self.global_lm_info: dict[str, str] | None = None
         self.shutdown_requested = False
+        self.server: Server | None = None  # set by Server
         self._program_counter = 0
         self._reset_counters()
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -824,6 +825,9 @@ class Bridge:
             "lm_configured": dspy.settings.lm is not None, "lm": self.global_lm_info,
             "session_lms": sum(1 for s in self.sessions.values() if s.lm is not None),
         }
+        if self.server is not None:
+            stats.update(protocol=self.server.protocol, concurrency=self.server.concurrency,
+                         in_flight=len(self.server.tasks), max_frame_size=self.server.wire.max_frame)
         session_id = args.get("session_id")
         if self.mode == "pool-worker" and isinstance(session_id, str) and session_id:
             session = self.sessions.get(session_id) or Session()
@@ -1008,6 +1012,7 @@ class Server:
 
     def __init__(self, bridge: Bridge, wire: Wire, concurrency: int, protocol: int) -> None:
         self.bridge, self.wire = bridge, wire
+        bridge.server = self
         self.concurrency, self.max_protocol = concurrency, protocol
         self.protocol = 1  # until a handshake says otherwise
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -33,6 +33,9 @@ class HandshakeTest(unittest.TestCase):
             self.assertEqual((result["status"], result["protocol"], result["concurrency"]), ("ok", 2, 64))
             self.assertIn("cancel", result["features"])
             self.assertEqual(result["worker_id"], "h1")
+            stats = w.ok("get_stats")
+            self.assertEqual((stats["protocol"], stats["concurrency"], stats["in_flight"], stats["max_frame_size"]),
+                             (2, 64, 0, 64 * 1024 * 1024))
         finally:
             w.stop()
 
