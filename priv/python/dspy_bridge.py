@@ -15,10 +15,20 @@ descriptors before anything heavy is imported; fd 1 then points at stderr and
 fd 0 at /dev/null, so neither a library's ``print`` nor a C extension's
 ``write(1, ...)`` can corrupt a frame, and nothing can steal request bytes.
 
-A daemon thread reads frames and queues them; every command runs on the main
-thread (``dspy.configure`` may only ever be called from one thread). When stdin
-reaches EOF the VM is gone and the reader ends the process at once, even while
-a long DSPy call is still running on the main thread.
+A daemon thread reads frames; every command runs on one asyncio event loop
+on the main thread (``dspy.configure`` may only ever be called from one
+thread). Under protocol 1 (no handshake, as DSPex's pools speak) requests run
+one at a time, in order. Under protocol 2 (docs/protocol.md: the pool's first
+ping carries ``handshake: true, protocol: 2``) each ``execute_program`` is its
+own task awaiting ``program.acall`` under the session's ``dspy.context(lm=..)``,
+up to ``--concurrency`` (default 64) at once, cancellable with a
+``{"id": N, "control": "cancel"}`` frame; pings are answered by the reader
+thread even while the loop is busy. When stdin reaches EOF the VM is gone and
+the reader ends the process at once, even while a long call still runs.
+
+    --concurrency N     (env DSPY_BRIDGE_CONCURRENCY)  announced in the handshake
+    --protocol 1|2      (env DSPY_BRIDGE_PROTOCOL)     2: accept a protocol-2 handshake
+    --max-frame-size B  (env DSPY_BRIDGE_MAX_FRAME_SIZE) until the handshake sets it
 
 In pool-worker mode every program command needs ``args.session_id`` and
 programs live in per-session namespaces, so two sessions may use the same
@@ -30,12 +40,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
 import itertools
 import json
 import logging
 import operator
 import os
-import queue
 import re
 import signal
 import sys
@@ -107,18 +121,21 @@ def read_exact(fd: int, n: int) -> bytes | None:
     """Read exactly n bytes, or return None on EOF."""
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
         if not chunk:
             return None
         buf += chunk
     return bytes(buf)
 
 
-def read_frame(fd: int) -> bytes | None:
-    header = read_exact(fd, 4)
-    if header is None:
-        return None
-    return read_exact(fd, int.from_bytes(header, "big"))
+def skip_exact(fd: int, n: int) -> bool:
+    """Read and drop n bytes without holding them; False on EOF."""
+    while n > 0:
+        chunk = os.read(fd, min(n, 1 << 16))
+        if not chunk:
+            return False
+        n -= len(chunk)
+    return True
 
 
 def write_frame(fd: int, body: bytes) -> None:
@@ -128,23 +145,61 @@ def write_frame(fd: int, body: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+# The pool writes '{"id":N,' first in every request, so a frame that cannot be
+# parsed can still be answered for its request.
+_ID_PREFIX = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,19})\s*[,}]')
+
+
+def request_id_from_prefix(body: bytes) -> int | None:
+    match = _ID_PREFIX.match(body[:64])
+    return int(match.group(1)) if match else None
+
+
+# orjson reads an integer beyond 64 bits as a float (or refuses it); a frame
+# with a run of 20+ digits anywhere is parsed by the stdlib instead, which
+# keeps every integer exact.
+_LONG_DIGITS = re.compile(rb"\d{20}")
+
+
 def decode(body: bytes) -> Any:
-    return orjson.loads(body) if orjson else json.loads(body)
-
-
-def encode(obj: Any) -> bytes:
-    """Serialise a response; values JSON cannot hold become strings."""
-    if orjson:
-        opts = orjson.OPT_NON_STR_KEYS
+    """JSON -> Python, integers of any size kept exact."""
+    if orjson and not _LONG_DIGITS.search(body):
         try:
-            return orjson.dumps(obj, option=opts)
-        except TypeError:
-            return orjson.dumps(obj, option=opts, default=str)
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                raise exc from None
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _json_dumps(obj: Any) -> bytes:
     try:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     except TypeError:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                           default=str).encode()
+
+
+def encode(obj: Any) -> bytes:
+    """Serialise a frame; values JSON cannot hold become strings. Integers
+    beyond 64 bits (which orjson refuses) are written exactly by the stdlib
+    encoder. Raises TypeError/ValueError for what JSON cannot express at all
+    (NaN next to such an integer, cycles)."""
+    if orjson:
+        opts = orjson.OPT_NON_STR_KEYS
+        try:
+            return orjson.dumps(obj, option=opts)
+        except TypeError:
+            try:
+                return orjson.dumps(obj, option=opts, default=str)
+            except TypeError:  # an int orjson cannot write, deep nesting, ...
+                return _json_dumps(obj)
+    return _json_dumps(obj)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -161,20 +216,6 @@ def to_jsonable(value: Any) -> Any:
         except Exception:  # a broken model_dump still has a str()
             pass
     return str(value)
-
-
-def start_reader(fd: int, frames: queue.Queue[bytes]) -> None:
-    def run() -> None:
-        try:
-            while (frame := read_frame(fd)) is not None:
-                frames.put(frame)
-        except OSError as exc:
-            log.error("reading requests failed: %s", exc)
-        # The VM closed our stdin (or died): nobody can read our answers any
-        # more, so end now rather than finish whatever the main thread runs.
-        os._exit(0)
-
-    threading.Thread(target=run, name="request-reader", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- offline LM
@@ -238,6 +279,28 @@ class OfflineEngine:
         pass
 
 
+class AsyncOfflineEngine:
+    """The async counterpart DSPy awaits under ``acall``: the same answers,
+    after ``latency`` seconds of (cancellable) waiting, as an LM call would."""
+
+    def __init__(self, sync: OfflineEngine, latency: float = 0.0) -> None:
+        self.sync, self.latency = sync, latency
+
+    async def complete(self, request: Any) -> Any:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self.sync.complete(request)
+
+    async def stream(self, request: Any) -> Any:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        for event in self.sync.stream(request):
+            yield event
+
+    async def aclose(self) -> None:
+        pass
+
+
 def _default_answer(name: str, type_name: str, seed: str) -> str:
     text = f"{name}: dummy answer for {seed}" if seed else f"{name}: dummy answer"
     if type_name.startswith("Literal["):
@@ -261,14 +324,19 @@ def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
         raise CommandError("model must be a non-empty string")
     provider = (provider or "").strip().lower()
 
-    if provider == "dummy":
+    if provider in ("dummy", "mock"):  # "mock": DSPex's offline test config
         answers = cfg.get("answers")
         if answers is not None and not (
                 isinstance(answers, list) and answers and all(isinstance(a, dict) for a in answers)):
             raise CommandError("answers must be a non-empty list of objects (field -> value)")
-        model = model or "dummy"
-        lm = dspy.LM(f"dummy/{model}", engine=OfflineEngine(answers), cache=False, num_retries=0)
-        return lm, {"provider": "dummy", "model": model}
+        latency_ms = cfg.get("latency_ms", 0)
+        if isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float)) or not 0 <= latency_ms <= 3.6e6:
+            raise CommandError("latency_ms must be a number of milliseconds between 0 and 3600000")
+        model = model or provider
+        engine = OfflineEngine(answers)
+        lm = dspy.LM(f"dummy/{model}", engine=engine, async_engine=AsyncOfflineEngine(engine, latency_ms / 1000),
+                     cache=False, num_retries=0)
+        return lm, {"provider": provider, "model": model}
 
     if not model:
         raise CommandError("model is required")
@@ -277,7 +345,7 @@ def build_lm(cfg: Any) -> tuple[Any, dict[str, str]]:
         if not provider:
             raise CommandError(f"provider is required for model {model!r}")
     if provider and provider not in PROVIDER_PREFIXES:
-        raise CommandError(f"Unknown provider: {provider} (supported: dummy, {', '.join(sorted(PROVIDER_PREFIXES))})")
+        raise CommandError(f"Unknown provider: {provider} (supported: dummy, mock, {', '.join(sorted(PROVIDER_PREFIXES))})")
     qualified = model if "/" in model else f"{PROVIDER_PREFIXES[provider]}/{model}"
 
     kwargs: dict[str, Any] = {k: cfg[k] for k in ("api_key", "api_base") if cfg.get(k)}
@@ -307,21 +375,47 @@ _BIN_OPS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
+CALC_MAX_CHARS = 1000  # longer expressions are refused before parsing
+CALC_MAX_BITS = 4096  # integers beyond ~1233 digits are refused, before they are computed
+CALC_MAX_DEPTH = 200  # operator nesting (a chain of 200 additions is 200 deep)
+
+
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression such as '(2 + 3) * 4 / 5'."""
-    def ev(node: ast.AST) -> Any:
+    if not isinstance(expression, str):
+        raise ValueError("expression must be a string")
+    if len(expression) > CALC_MAX_CHARS:
+        raise ValueError(f"expression longer than {CALC_MAX_CHARS} characters")
+
+    def bounded(value: Any) -> Any:
+        if isinstance(value, int) and value.bit_length() > CALC_MAX_BITS:
+            raise ValueError("result too large")
+        return value
+
+    def ev(node: ast.AST, depth: int) -> Any:
+        if depth > CALC_MAX_DEPTH:
+            raise ValueError("expression nested too deeply")
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return bounded(node.value)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return -ev(node.operand) if isinstance(node.op, ast.USub) else ev(node.operand)
+            value = ev(node.operand, depth + 1)
+            return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 100:
-                raise ValueError("exponent too large")
-            return _BIN_OPS[type(node.op)](left, right)
+            left, right = ev(node.left, depth + 1), ev(node.right, depth + 1)
+            if isinstance(node.op, ast.Pow):
+                if abs(right) > 1000:
+                    raise ValueError("exponent too large")
+                if isinstance(left, int) and isinstance(right, int) and right > 0 \
+                        and (abs(left).bit_length() - 1) * right > CALC_MAX_BITS:
+                    raise ValueError("result too large")  # known before computing it
+            return bounded(_BIN_OPS[type(node.op)](left, right))
         raise ValueError("only numbers and + - * / // % ** are allowed")
 
-    return str(ev(ast.parse(expression, mode="eval").body))
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"not an arithmetic expression: {type(exc).__name__}") from None
+    return str(ev(tree.body, 0))
 
 
 # ReAct tools a program spec may name; code cannot travel over the wire.
@@ -338,6 +432,57 @@ class Program:
     created_at: float = field(default_factory=time.time)
     executions: int = 0
     last_executed: float | None = None
+    stream_fields: list[str] = field(default_factory=list)  # output fields a stream sends chunks of
+    gemini_model: str | None = None  # set for create_gemini_program's programs
+    gemini_lm: Any = None  # built on first use when no LM is configured
+
+    def listing(self, session_id: str | None) -> dict[str, Any]:
+        """The entry DSPex's list_programs returns (plus this bridge's own keys)."""
+        entry = {"id": self.id, "program_id": self.id, "program_type": self.program_type,
+                 "created_at": self.created_at, "execution_count": self.executions,
+                 "executions": self.executions, "last_executed": self.last_executed,
+                 "signature": self.spec.get("signature")}
+        if session_id is not None:
+            entry["session_id"] = session_id
+        return entry
+
+
+# The request whose task is running: a pool tool reaches the pool through it.
+CURRENT_REQUEST: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "dspex_current_request", default=None)
+JSON_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
+
+
+def pool_tool(spec: dict[str, Any]) -> Any:
+    """A ReAct tool declared as {name, description, args} whose implementation
+    lives in the pool (Elixir): calling it sends a tool_call event for the
+    running request and awaits the pool's tool_result. A tool error (ok:
+    false) raises, which ReAct turns into an observation the agent reads."""
+    name, desc, args = spec.get("name"), spec.get("description") or spec.get("desc") or "", spec.get("args") or {}
+    if not isinstance(name, str) or not name.isidentifier() or name == "finish":
+        raise CommandError(f"tools: invalid tool name {name!r} (an identifier other than finish)")
+    if not isinstance(desc, str):
+        raise CommandError(f"tools: description of {name} must be a string")
+    if not isinstance(args, dict):
+        raise CommandError(f"tools: args of {name} must be an object (arg name -> type or JSON schema)")
+    schema: dict[str, Any] = {}
+    for arg, decl in args.items():
+        if not isinstance(arg, str) or not arg.isidentifier():
+            raise CommandError(f"tools: invalid arg name {arg!r} for {name}")
+        if isinstance(decl, str):
+            decl = {"type": decl}
+        if not isinstance(decl, dict) or decl.get("type", "string") not in JSON_TYPES:
+            raise CommandError(f"tools: arg {arg} of {name} needs a JSON type ({', '.join(sorted(JSON_TYPES))}) "
+                               f"or a JSON schema object")
+        schema[arg] = dict(decl)
+
+    async def call(**kwargs: Any) -> Any:
+        ctx = CURRENT_REQUEST.get()
+        if ctx is None or ctx.server.protocol < 2:
+            raise RuntimeError(f"tool {name} runs in the pool, which needs protocol 2")
+        return await ctx.call_tool(name, kwargs)
+
+    return dspy.Tool(call, name=name, desc=desc, args=schema, arg_types={arg: Any for arg in schema})
 
 
 def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, str, Any]]:
@@ -370,7 +515,8 @@ def _parse_fields(raw: Any, kind: str, reserved: set[str]) -> list[tuple[str, st
 
 def build_program(spec: dict[str, Any], program_id: str) -> Program:
     """Validate a create_program spec and build its DSPy module."""
-    program_type = spec.get("program_type") or "predict"
+    gemini = spec.get("type") == "gemini"  # create_gemini_program: a Predict under a Gemini LM
+    program_type = "predict" if gemini else spec.get("program_type") or "predict"
     if program_type not in PROGRAM_TYPES:
         raise CommandError(f"Unknown program_type: {program_type!r} (supported: {', '.join(PROGRAM_TYPES)})")
     sig = spec.get("signature")
@@ -388,13 +534,18 @@ def build_program(spec: dict[str, Any], program_id: str) -> Program:
     if instructions is not None and not isinstance(instructions, str):
         raise CommandError("signature.instructions must be a string")
 
-    tool_names = spec.get("tools") or []
-    if not isinstance(tool_names, list) or not all(isinstance(t, str) for t in tool_names):
-        raise CommandError("tools must be a list of tool names")
-    if tool_names and program_type != "react":
+    tool_specs = spec.get("tools") or []
+    if not isinstance(tool_specs, list) or not all(isinstance(t, (str, dict)) for t in tool_specs):
+        raise CommandError("tools must be a list of tool names or tool declarations")
+    if tool_specs and program_type != "react":
         raise CommandError("tools are only supported by react programs")
+    tool_names = [t for t in tool_specs if isinstance(t, str)]
     if unknown := [t for t in tool_names if t not in BUILTIN_TOOLS]:
         raise CommandError(f"Unknown tools: {unknown} (available: {', '.join(BUILTIN_TOOLS)})")
+    tools: list[Any] = [BUILTIN_TOOLS[t] if isinstance(t, str) else pool_tool(t) for t in tool_specs]
+    names = [t if isinstance(t, str) else t["name"] for t in tool_specs]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise CommandError(f"tools: duplicate names {dupes}")
 
     signature = dspy.make_signature(
         {**{n: (t, dspy.InputField(desc=d)) for n, d, t in inputs},
@@ -405,9 +556,19 @@ def build_program(spec: dict[str, Any], program_id: str) -> Program:
     elif program_type == "chain_of_thought":
         module = dspy.ChainOfThought(signature)
     else:  # ReAct always adds its own "finish" tool, so an empty list is valid
-        module = dspy.ReAct(signature, tools=[BUILTIN_TOOLS[t] for t in tool_names])
+        module = dspy.ReAct(signature, tools=tools)
+    if gemini:
+        model = spec.get("model") or "gemini-1.5-flash"
+        if not isinstance(model, str):
+            raise CommandError("model must be a string")
+        return Program(id=program_id, program_type="gemini", module=module,
+                       spec={**spec, "id": program_id, "model": model},
+                       input_names=[n for n, _, _ in inputs], gemini_model=model,
+                       stream_fields=[n for n, _, _ in outputs])
+    stream_fields = (["reasoning"] if program_type != "predict" else []) + [n for n, _, _ in outputs]
     return Program(id=program_id, program_type=program_type, module=module,
-                   spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs])
+                   spec={**spec, "id": program_id}, input_names=[n for n, _, _ in inputs],
+                   stream_fields=stream_fields)
 
 
 @dataclass
@@ -426,16 +587,21 @@ class Bridge:
         self.sessions: dict[str, Session] = {}
         self.global_lm_info: dict[str, str] | None = None
         self.shutdown_requested = False
+        self.server: Server | None = None  # set by Server
         self._program_counter = 0
         self._reset_counters()
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": self.ping, "configure_lm": self.configure_lm,
-            "create_program": self.create_program, "execute_program": self.execute_program,
+            "create_program": self.create_program, "create_gemini_program": self.create_gemini_program,
             "list_programs": self.list_programs, "delete_program": self.delete_program,
             "get_program_info": self.get_program_info, "get_stats": self.get_stats,
             "cleanup": self.cleanup, "reset_state": self.reset_state,
             "cleanup_session": self.cleanup_session, "restore_session": self.restore_session,
             "shutdown": self.shutdown,
+        }
+        # Commands that wait on an LM: each runs as its own task, so they overlap.
+        self.async_handlers: dict[str, Callable[[dict[str, Any], RequestContext], Any]] = {
+            "execute_program": self.execute_program, "execute_gemini_program": self.execute_gemini_program,
         }
 
     def _reset_counters(self) -> None:
@@ -443,41 +609,37 @@ class Bridge:
         self.executions = 0
         self.errors = 0
 
-    # -- request handling
+    # -- request handling (on the event loop's thread)
 
-    def handle_frame(self, body: bytes) -> dict[str, Any]:
+    def run_sync(self, request_id: int, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A CPU-only command, run to completion at once."""
+        self.command_counts[command] = self.command_counts.get(command, 0) + 1
         try:
-            request = decode(body)
-        except ValueError as exc:
-            self.errors += 1
-            return {"id": 0, "success": False, "error": f"invalid request: body is not JSON ({exc})"}
-        request_id = request.get("id") if isinstance(request, dict) else None
-        if not isinstance(request_id, int) or isinstance(request_id, bool):
-            self.errors += 1
-            return {"id": 0, "success": False, "error": "invalid request: expected an object with an integer id"}
-        command, args = request.get("command"), request.get("args", {})
-        if args is None:
-            args = {}
-        if not isinstance(command, str) or not isinstance(args, dict):
-            self.errors += 1
-            return {"id": request_id, "success": False,
-                    "error": "invalid request: command must be a string and args an object"}
+            return {"id": request_id, "success": True, "result": self.handlers[command](args)}
+        except Exception as exc:
+            return self.failure(request_id, command, exc)
+
+    async def run_async(self, request_id: int, command: str, args: dict[str, Any],
+                        ctx: "RequestContext") -> dict[str, Any]:
+        """An LM-bound command, awaited on the loop (its own asyncio task)."""
+        self.command_counts[command] = self.command_counts.get(command, 0) + 1
         try:
-            handler = self.handlers.get(command)
-            if handler is None:
-                raise CommandError(f"Unknown command: {command}")
-            self.command_counts[command] = self.command_counts.get(command, 0) + 1
-            return {"id": request_id, "success": True, "result": handler(args)}
-        except CommandError as exc:
+            return {"id": request_id, "success": True, "result": await self.async_handlers[command](args, ctx)}
+        except asyncio.CancelledError:
             self.errors += 1
+            return {"id": request_id, "success": False, "error": "cancelled"}
+        except Exception as exc:
+            return self.failure(request_id, command, exc)
+
+    def failure(self, request_id: int | None, command: str, exc: BaseException) -> dict[str, Any]:
+        self.errors += 1
+        if isinstance(exc, CommandError):
             log.debug("%s failed: %s", command, exc)
             return {"id": request_id, "success": False, "error": str(exc)}
-        except Exception as exc:  # DSPy/LiteLLM errors: report, keep serving
-            self.errors += 1
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s failed: %s", command, error.splitlines()[0],
-                        exc_info=log.isEnabledFor(logging.DEBUG))  # tracebacks only at DEBUG
-            return {"id": request_id, "success": False, "error": error}
+        error = f"{type(exc).__name__}: {exc}"  # DSPy/LiteLLM errors: report, keep serving
+        log.warning("%s failed: %s", command, error.splitlines()[0] if error else type(exc).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG))  # tracebacks only at DEBUG
+        return {"id": request_id, "success": False, "error": error}
 
     def _namespace(self, args: dict[str, Any]) -> str:
         if self.mode != "pool-worker":
@@ -500,7 +662,9 @@ class Bridge:
 
     def ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
-                "dspy_version": dspy.__version__, "timestamp": time.time()}
+                "dspy_version": dspy.__version__, "timestamp": time.time(), "dspy_available": True,
+                "gemini_available": True, "uptime": time.monotonic() - self.started,
+                "current_session": args.get("session_id")}
 
     def configure_lm(self, args: dict[str, Any]) -> dict[str, Any]:
         lm, info = build_lm(args)
@@ -513,7 +677,16 @@ class Bridge:
             dspy.configure(lm=lm)  # main thread only: DSPy ties configure() to one thread
             self.global_lm_info, scope = info, "global"
         # "status" is what DSPex's PythonPoolV2.configure_lm matches on.
-        return {"configured": True, "status": "configured", **info, "scope": scope}
+        return {"configured": True, "status": "configured", **info, "scope": scope,
+                "temperature": args.get("temperature")}
+
+    def create_gemini_program(self, args: dict[str, Any]) -> dict[str, Any]:
+        """DSPex's Gemini program: a Predict of the signature; it runs under the
+        session's (or the global) LM when one is configured, else under
+        ``gemini/<model>`` with GEMINI_API_KEY from the environment."""
+        created = self.create_program({**args, "type": "gemini"})
+        program = self.sessions[self._namespace(args)].programs[created["program_id"]]
+        return {**created, "type": "gemini", "model_name": program.gemini_model}
 
     def create_program(self, args: dict[str, Any]) -> dict[str, Any]:
         namespace = self._namespace(args)
@@ -535,7 +708,17 @@ class Bridge:
         return {"program_id": program_id, "status": "created", "signature": spec.get("signature"),
                 "program_type": program.program_type, "created_at": program.created_at}
 
-    def execute_program(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def execute_gemini_program(self, args: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        _, program = self._program(args)
+        if program.gemini_model is None:
+            raise CommandError(f"Program {program.id} is not a Gemini program")
+        result = await self.execute_program(args, ctx)
+        outputs = result["outputs"]
+        result["raw_response"] = "\n".join(f"{k}: {v}" for k, v in outputs.items())
+        return result
+
+    def _execution(self, args: dict[str, Any]) -> tuple[Program, Any, dict[str, Any]]:
+        """Validate an execute request (before any await): (program, LM or None for the global one, kwargs)."""
         session, program = self._program(args)
         inputs = args.get("inputs") or {}
         if not isinstance(inputs, dict):
@@ -543,28 +726,71 @@ class Bridge:
         if missing := [n for n in program.input_names if n not in inputs]:
             raise CommandError(f"Missing required inputs for {program.id}: {', '.join(missing)}")
         lm = session.lm
+        if lm is None and dspy.settings.lm is None and program.gemini_model is not None:
+            if program.gemini_lm is None:
+                program.gemini_lm, _ = build_lm({"provider": "gemini", "model": program.gemini_model,
+                                                 "api_key": os.environ.get("GEMINI_API_KEY")})
+            lm = program.gemini_lm
         if lm is None and dspy.settings.lm is None:
             raise CommandError("No LM is configured: call configure_lm first (globally or for this session)")
-        kwargs = {n: inputs[n] for n in program.input_names}  # extra keys are ignored
+        return program, lm, {n: inputs[n] for n in program.input_names}  # extra keys are ignored
+
+    async def execute_program(self, args: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+        # The program and LM are taken now: a concurrent delete, cleanup or
+        # configure_lm of the same session affects later requests, not this one.
+        program, lm, kwargs = self._execution(args)
+        stream = args.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise CommandError("stream must be a boolean")
         started = time.perf_counter()
-        if lm is not None:
-            with dspy.context(lm=lm):
-                prediction = program.module(**kwargs)
-        else:
-            prediction = program.module(**kwargs)
+        CURRENT_REQUEST.set(ctx)  # this task's context only
+        # dspy.context sets a ContextVar: it holds for this task only, so
+        # concurrent requests of different sessions each see their own LM.
+        with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
+            if stream and ctx.server.protocol >= 2 and program.stream_fields:
+                prediction = await self._stream(program, kwargs, ctx)
+            else:
+                prediction = await program.module.acall(**kwargs)
         elapsed_ms = (time.perf_counter() - started) * 1000
         program.executions += 1
         program.last_executed = time.time()
         self.executions += 1
         return {"program_id": program.id, "outputs": to_jsonable(dict(prediction.items())),
-                "execution_time_ms": round(elapsed_ms, 3)}
+                "execution_time_ms": round(elapsed_ms, 3), "execution_time": time.time()}
+
+    @staticmethod
+    async def _stream(program: Program, kwargs: dict[str, Any], ctx: RequestContext) -> Any:
+        """Run through dspy.streamify over the LM's own streaming: each piece of
+        an output field goes out as a chunk event, in order, before the reply."""
+        from dspy.streaming import StreamListener, StreamResponse
+
+        listeners = [StreamListener(signature_field_name=name, allow_reuse=True) for name in program.stream_fields]
+        streaming = dspy.streamify(program.module, stream_listeners=listeners, async_streaming=True,
+                                   include_final_prediction_in_output_stream=True)
+        prediction = None
+        output = streaming(**kwargs)
+        try:
+            async for item in output:
+                if isinstance(item, StreamResponse):
+                    if item.chunk:
+                        ctx.event("chunk", field=item.signature_field_name, text=item.chunk)
+                elif isinstance(item, dspy.Prediction):
+                    prediction = item
+        finally:
+            await output.aclose()
+        if prediction is None:
+            raise RuntimeError("the stream ended without a prediction")
+        return prediction
 
     def list_programs(self, args: dict[str, Any]) -> dict[str, Any]:
-        session = self.sessions.get(self._namespace(args)) or Session()
-        # "id" next to "program_id": DSPex adapters accept either.
-        programs = [{"program_id": p.id, "id": p.id, "program_type": p.program_type,
-                     "created_at": p.created_at, "executions": p.executions}
-                    for p in session.programs.values()]
+        if self.mode != "pool-worker":
+            session = self.sessions.get(STANDALONE_NAMESPACE) or Session()
+            programs = [p.listing(None) for p in session.programs.values()]
+        elif isinstance(args.get("session_id"), str) and args["session_id"]:
+            session = self.sessions.get(args["session_id"]) or Session()
+            programs = [p.listing(args["session_id"]) for p in session.programs.values()]
+        else:  # as DSPex's bridge: without a session, every session's programs
+            programs = [p.listing(sid) for sid, s in self.sessions.items() for p in s.programs.values()]
         return {"programs": programs, "total_count": len(programs)}
 
     def delete_program(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -582,16 +808,26 @@ class Bridge:
         return info
 
     def get_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        rss = rss_bytes()
         stats: dict[str, Any] = {
+            # DSPex's keys first, then this bridge's own
+            "programs_count": sum(len(s.programs) for s in self.sessions.values()),
+            "command_count": sum(self.command_counts.values()), "error_count": self.errors,
+            "uptime": time.monotonic() - self.started,
+            "memory_usage": {"rss": rss or 0, "vms": vms_bytes() or 0, "percent": memory_percent(rss)},
+            "dspy_available": True, "gemini_available": True,
             "worker_id": self.worker_id, "pid": os.getpid(), "mode": self.mode,
             "dspy_version": dspy.__version__, "uptime_s": round(time.monotonic() - self.started, 3),
-            "rss_bytes": rss_bytes(), "sessions": len(self.sessions),
+            "rss_bytes": rss, "sessions": len(self.sessions),
             "programs": sum(len(s.programs) for s in self.sessions.values()),
             "commands": dict(self.command_counts), "total_commands": sum(self.command_counts.values()),
             "executions": self.executions, "errors": self.errors,
             "lm_configured": dspy.settings.lm is not None, "lm": self.global_lm_info,
             "session_lms": sum(1 for s in self.sessions.values() if s.lm is not None),
         }
+        if self.server is not None:
+            stats.update(protocol=self.server.protocol, concurrency=self.server.concurrency,
+                         in_flight=len(self.server.tasks), max_frame_size=self.server.wire.max_frame)
         session_id = args.get("session_id")
         if self.mode == "pool-worker" and isinstance(session_id, str) and session_id:
             session = self.sessions.get(session_id) or Session()
@@ -609,16 +845,19 @@ class Bridge:
     def reset_state(self, args: dict[str, Any]) -> dict[str, Any]:
         programs = sum(len(s.programs) for s in self.sessions.values())
         sessions = len(self.sessions)
+        commands, errors = sum(self.command_counts.values()), self.errors
         self.sessions.clear()
         dspy.configure(lm=None)
         self.global_lm_info = None
         self._reset_counters()
-        return {"status": "reset", "programs_cleared": programs, "sessions_cleared": sessions}
+        return {"status": "reset", "programs_cleared": programs, "sessions_cleared": sessions,
+                "commands_reset": commands, "errors_reset": errors}
 
     def cleanup_session(self, args: dict[str, Any]) -> dict[str, Any]:
         namespace = self._namespace(args)
         if self.mode != "pool-worker":  # never wipe the one global namespace by accident
-            return {"status": "not_applicable", "session_id": args.get("session_id"), "programs_removed": 0}
+            return {"status": "not_applicable", "mode": self.mode, "session_id": args.get("session_id"),
+                    "programs_removed": 0}
         session = self.sessions.pop(namespace, None)
         # Idempotent: the pool sends this to every worker when a session ends.
         return {"status": "cleaned" if session else "not_found", "session_id": args.get("session_id"),
@@ -651,25 +890,370 @@ class Bridge:
                 "lm_configured": restored.lm is not None}
 
     def shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.shutdown_requested = True  # main loop exits after the reply is written
-        return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode}
+        self.shutdown_requested = True  # the process exits once the reply is written
+        return {"status": "shutting_down", "worker_id": self.worker_id, "mode": self.mode,
+                "sessions_cleaned": len(self.sessions) if self.mode == "pool-worker" else 0}
 
 
-def rss_bytes() -> int | None:
+def _statm(index: int) -> int | None:
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[index]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
 
 
+def rss_bytes() -> int | None:
+    return _statm(1)
+
+
+def vms_bytes() -> int | None:
+    return _statm(0)
+
+
+def memory_percent(rss: int | None) -> float:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0.0
+    return round(100.0 * (rss or 0) / total, 3) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- protocol
+
+PROTOCOL_VERSION = 2
+DEFAULT_CONCURRENCY = 64
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # the pool's default max_frame_size
+FRAME_LIMIT = (1 << 32) - 1  # what a 4-byte length can say
+FEATURES = ["cancel", "chunks", "tool_calls"]
+SMALL_FRAME = 64 * 1024  # frames up to this size are parsed on the reader thread (to spot pings)
+
+
+class Wire:
+    """The protocol's two descriptors. Frames are read by one thread; they are
+    written by the loop thread and (pings) the reader thread, under one lock."""
+
+    def __init__(self, request_fd: int, response_fd: int, max_frame: int) -> None:
+        self.request_fd, self.response_fd = request_fd, response_fd
+        self.max_frame = max_frame
+        self._write_lock = threading.Lock()
+
+    def send(self, frame: dict[str, Any], final: bool = True) -> bool:
+        """Write one frame; False if it had to be replaced or dropped. A final
+        frame (the reply) that cannot be encoded or is over max_frame_size
+        becomes an error reply for its request; an intermediate one (an
+        event) is dropped with a log line."""
+        request_id = frame.get("id")
+        try:
+            body = encode(frame)
+            error = None if len(body) <= self.max_frame else \
+                f"reply of {len(body)} bytes exceeds max_frame_size {self.max_frame}"
+        except (TypeError, ValueError, RecursionError, OverflowError, MemoryError) as exc:
+            body, error = b"", f"result could not be encoded as JSON: {type(exc).__name__}: {exc}"
+        if error is not None:
+            if not final:
+                log.warning("request %s: event dropped: %s", request_id, error)
+                return False
+            log.warning("request %s: %s", request_id, error)
+            body = encode({"id": request_id, "success": False, "error": error})
+        with self._write_lock:
+            try:
+                write_frame(self.response_fd, body)
+            except (BrokenPipeError, ConnectionResetError):
+                os._exit(0)  # the reader of our replies is gone
+        return error is None
+
+
+class RequestContext:
+    """What a running request may do besides returning its result."""
+
+    def __init__(self, server: "Server", request_id: int) -> None:
+        self.server, self.id = server, request_id
+        self._calls = itertools.count(1)
+        self._tool_results: dict[int, asyncio.Future[Any]] = {}
+
+    def event(self, kind: str, **payload: Any) -> bool:
+        return self.server.wire.send({"id": self.id, "event": kind, **payload}, final=False)
+
+    async def call_tool(self, name: str, args: dict[str, Any]) -> Any:
+        """A tool_call event, then the pool's tool_result for it."""
+        call_id = next(self._calls)
+        future = asyncio.get_running_loop().create_future()
+        self._tool_results[call_id] = future
+        try:
+            if not self.event("tool_call", call_id=call_id, name=name, args=to_jsonable(args)):
+                raise RuntimeError(f"the arguments of {name} could not be sent (see the worker's log)")
+            frame = await future
+        finally:
+            self._tool_results.pop(call_id, None)
+        if frame.get("ok") is True:
+            return frame.get("result")
+        raise RuntimeError(str(frame.get("error") or "the tool failed"))
+
+    def tool_result(self, frame: dict[str, Any]) -> None:
+        future = self._tool_results.get(frame.get("call_id"))
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+
+class Server:
+    """Reads requests on a thread, runs them on the asyncio loop of the main thread.
+
+    Protocol 1 (no handshake): one request at a time, in order, as DSPex's
+    bridge did. Protocol 2 (the pool's first ping carries ``handshake`` and
+    ``protocol: 2``): every LM-bound request is its own task (up to the
+    announced concurrency, which the pool enforces), replies leave in any
+    order, ``{"id": N, "control": "cancel"}`` cancels request N's task, and a
+    ping is answered at once by the reader thread even while the loop is busy.
+    CPU-only commands run as plain loop callbacks, never inside a task: DSPy
+    allows ``dspy.configure`` only outside tasks (or in the one task that
+    called it first), and only on the main thread.
+    """
+
+    def __init__(self, bridge: Bridge, wire: Wire, concurrency: int, protocol: int) -> None:
+        self.bridge, self.wire = bridge, wire
+        bridge.server = self
+        self.concurrency, self.max_protocol = concurrency, protocol
+        self.protocol = 1  # until a handshake says otherwise
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._attach_lock = threading.Lock()
+        self._backlog: list[tuple[bytes, Any]] = []  # frames read before the loop runs
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.contexts: dict[int, RequestContext] = {}
+        self._serial: collections.deque[dict[str, Any]] = collections.deque()  # protocol 1 queue
+        self._serial_busy = False
+        # Frames handed to the loop, and those of them fully answered: each
+        # counter is written by one thread only, so reading both is safe.
+        self._submitted = 0
+        self._finished = 0
+
+    # -- reader thread
+
+    def start_reader(self) -> None:
+        threading.Thread(target=self._read_loop, name="request-reader", daemon=True).start()
+
+    def _read_loop(self) -> None:
+        fd = self.wire.request_fd
+        try:
+            while (header := read_exact(fd, 4)) is not None:
+                size = int.from_bytes(header, "big")
+                if size > self.wire.max_frame:
+                    prefix = read_exact(fd, min(size, 64))
+                    if prefix is None or not skip_exact(fd, size - len(prefix)):
+                        break
+                    self.wire.send({"id": request_id_from_prefix(prefix), "success": False,
+                                    "error": f"request of {size} bytes exceeds max_frame_size {self.wire.max_frame}"})
+                    continue
+                body = read_exact(fd, size)
+                if body is None:
+                    break
+                try:
+                    self._received(body)
+                except Exception as exc:  # never lose the reader: it is also the stdin-EOF watchdog
+                    log.error("request dropped: %s: %s", type(exc).__name__, exc)
+                    self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                                    "error": f"invalid request: {type(exc).__name__}: {exc}"})
+        except OSError as exc:
+            log.error("reading requests failed: %s", exc)
+        # The VM closed our stdin (or died): nobody can read our answers any
+        # more, so end now rather than finish whatever the loop runs.
+        os._exit(0)
+
+    def _received(self, body: bytes) -> None:
+        request = None
+        # A ping is answered here, at once, under protocol 2 (replies may
+        # leave in any order) and under protocol 1 when nothing is pending
+        # (so the reply order is kept). The handshake goes to the loop.
+        if len(body) <= SMALL_FRAME and self.loop is not None and (
+                self.protocol >= 2 or self._submitted == self._finished):
+            try:
+                request = decode(body)
+            except ValueError:
+                request = None  # the loop answers it as unparseable
+            if isinstance(request, dict) and request.get("command") == "ping" and self._valid_id(request):
+                args = request.get("args", {})
+                args = {} if args is None else args
+                if isinstance(args, dict) and not args.get("handshake"):
+                    self.wire.send({"id": request["id"], "success": True, "result": self._ping_result(args)})
+                    return
+        with self._attach_lock:
+            self._submitted += 1  # written by this thread only
+            if self.loop is None:
+                self._backlog.append((body, request))
+                return
+        self.loop.call_soon_threadsafe(self._dispatch, body, request)
+
+    # -- loop thread
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # DSPy's async LM path hops to threads (asyncio.to_thread) for cache
+        # and pricing work: size the default pool for the requests in flight.
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, min(self.concurrency, 64)), thread_name_prefix="dspy"))
+        with self._attach_lock:
+            self.loop = loop
+            for body, request in self._backlog:
+                loop.call_soon(self._dispatch, body, request)
+            self._backlog.clear()
+        await loop.create_future()  # forever: the process ends through os._exit
+
+    @staticmethod
+    def _valid_id(request: dict[str, Any]) -> bool:
+        rid = request.get("id")
+        return isinstance(rid, int) and not isinstance(rid, bool)
+
+    def _ping_result(self, args: dict[str, Any]) -> dict[str, Any]:
+        result = self.bridge.ping(args)
+        result["in_flight"] = len(self.tasks)
+        if self.protocol >= 2:
+            result.update(protocol=self.protocol, concurrency=self.concurrency, features=FEATURES)
+        return result
+
+    def _dispatch(self, body: bytes, request: Any) -> None:
+        """One frame from the reader; counted finished once it is answered (or needs no answer)."""
+        if not self._handle(body, request):
+            self._finished += 1
+
+    def _handle(self, body: bytes, request: Any) -> bool:
+        """True if the frame became a task or a queued request, which count themselves finished."""
+        if request is None:
+            try:
+                request = decode(body)
+            except (ValueError, RecursionError) as exc:
+                self.bridge.errors += 1
+                self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                                "error": f"invalid request: body is not JSON ({exc})"})
+                return False
+        if not isinstance(request, dict) or not self._valid_id(request):
+            self.bridge.errors += 1
+            self.wire.send({"id": request_id_from_prefix(body), "success": False,
+                            "error": "invalid request: expected an object with an integer id"})
+            return False
+        if "control" in request:
+            self._control(request)
+            return False
+        rid, command, args = request["id"], request.get("command"), request.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(command, str) or not isinstance(args, dict):
+            self.bridge.errors += 1
+            self.wire.send({"id": rid, "success": False,
+                            "error": "invalid request: command must be a string and args an object"})
+            return False
+        if command == "ping" and args.get("handshake"):
+            self._handshake(args)
+        if self.protocol >= 2:
+            return self._start(rid, command, args)
+        self._serial.append({"id": rid, "command": command, "args": args})
+        self._pump()
+        return True
+
+    def _handshake(self, args: dict[str, Any]) -> None:
+        wanted = args.get("protocol")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 2 and self.max_protocol >= 2:
+            self.protocol = PROTOCOL_VERSION
+        size = args.get("max_frame_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            self.wire.max_frame = min(size, FRAME_LIMIT)
+
+    def _start(self, rid: int, command: str, args: dict[str, Any]) -> bool:
+        """Protocol 2: run now; an LM-bound command becomes a task (True)."""
+        if command not in self.bridge.async_handlers:
+            self._reply_sync(rid, command, args)
+            return False
+        if rid in self.tasks:
+            self.bridge.errors += 1
+            self.wire.send({"id": rid, "success": False, "error": f"request id {rid} is already in flight"})
+            return False
+        self._spawn(rid, command, args)
+        return True
+
+    def _spawn(self, rid: int, command: str, args: dict[str, Any]) -> asyncio.Task[Any]:
+        ctx = RequestContext(self, rid)
+        task = self.loop.create_task(self._run_task(rid, command, args, ctx))
+        self.tasks[rid], self.contexts[rid] = task, ctx
+        return task
+
+    async def _run_task(self, rid: int, command: str, args: dict[str, Any], ctx: RequestContext) -> None:
+        try:
+            reply = await self.bridge.run_async(rid, command, args, ctx)
+        finally:
+            self.tasks.pop(rid, None)
+            self.contexts.pop(rid, None)
+        self.wire.send(reply)
+        self._finished += 1
+
+    def _reply_sync(self, rid: int, command: str, args: dict[str, Any]) -> None:
+        if command == "ping":
+            self.bridge.command_counts["ping"] = self.bridge.command_counts.get("ping", 0) + 1
+            reply = {"id": rid, "success": True, "result": self._ping_result(args)}
+        elif command in self.bridge.handlers:
+            reply = self.bridge.run_sync(rid, command, args)
+        else:
+            reply = self.bridge.failure(rid, command, CommandError(f"Unknown command: {command}"))
+        self.wire.send(reply)
+        if self.bridge.shutdown_requested:
+            logging.shutdown()
+            os._exit(0)  # skip interpreter teardown: library threads must not keep us alive
+
+    def _pump(self) -> None:
+        """Protocol 1: one request at a time, replies in request order."""
+        while self._serial and not self._serial_busy:
+            request = self._serial.popleft()
+            rid, command, args = request["id"], request["command"], request["args"]
+            if command not in self.bridge.async_handlers:
+                self._reply_sync(rid, command, args)
+                self._finished += 1
+                continue
+            self._serial_busy = True
+            self._spawn(rid, command, args).add_done_callback(self._serial_done)
+
+    def _serial_done(self, _task: asyncio.Task[Any]) -> None:
+        self._serial_busy = False
+        self._pump()
+
+    def _control(self, frame: dict[str, Any]) -> None:
+        kind, rid = frame.get("control"), frame["id"]
+        if kind == "cancel":
+            task = self.tasks.get(rid)
+            if task is not None:  # an unknown or finished id is ignored
+                task.cancel()
+        elif kind == "tool_result":
+            ctx = self.contexts.get(rid)
+            if ctx is not None:
+                ctx.tool_result(frame)
+        else:
+            log.warning("unknown control frame %r for request %s ignored", kind, rid)
+
+
 # --------------------------------------------------------------------------- main
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a positive integer, got: {value!r}") from None
+    if number <= 0:
+        raise SystemExit(f"{name} must be a positive integer, got: {value!r}")
+    return number
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DSPy worker for dspex_native_pool")
     parser.add_argument("--mode", choices=["standalone", "pool-worker"], default="standalone")
     parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--concurrency", default=os.environ.get("DSPY_BRIDGE_CONCURRENCY", str(DEFAULT_CONCURRENCY)),
+                        help="requests in flight at once under protocol 2 (env DSPY_BRIDGE_CONCURRENCY; default 64)")
+    parser.add_argument("--protocol", choices=["1", "2"], default=os.environ.get("DSPY_BRIDGE_PROTOCOL", "2"),
+                        help="highest protocol to accept in the handshake (env DSPY_BRIDGE_PROTOCOL; default 2)")
+    parser.add_argument("--max-frame-size",
+                        default=os.environ.get("DSPY_BRIDGE_MAX_FRAME_SIZE", str(DEFAULT_MAX_FRAME)),
+                        help="largest frame read or written until the handshake says otherwise "
+                             "(env DSPY_BRIDGE_MAX_FRAME_SIZE; default 64 MiB)")
     opts = parser.parse_args(argv)
+    concurrency = _positive_int("--concurrency", opts.concurrency)
+    max_frame = min(_positive_int("--max-frame-size", opts.max_frame_size), FRAME_LIMIT)
 
     started = time.monotonic()
     request_fd, response_fd = claim_stdio()
@@ -682,8 +1266,10 @@ def main(argv: list[str] | None = None) -> None:
         # ends workers through stdin EOF, shutdown or SIGTERM instead.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    frames: queue.Queue[bytes] = queue.Queue()
-    start_reader(request_fd, frames)  # before the import: EOF during it still ends us
+    wire = Wire(request_fd, response_fd, max_frame)
+    bridge = Bridge(opts.mode, opts.worker_id, started)
+    server = Server(bridge, wire, concurrency, int(opts.protocol))
+    server.start_reader()  # before the import: EOF during it still ends us; frames wait for the loop
 
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
     os.environ.setdefault("DSPY_CACHEDIR", os.path.join(tempfile.gettempdir(), f"dspex_dspy_cache_{os.getuid()}"))
@@ -706,24 +1292,9 @@ def main(argv: list[str] | None = None) -> None:
     # This also makes the main thread DSPy's config owner.
     dspy.configure(disable_history=True, max_trace_size=0)
 
-    bridge = Bridge(opts.mode, opts.worker_id, started)
     log.info("worker %s ready (mode %s, dspy %s, pid %d, %.2fs)", opts.worker_id or "-", opts.mode,
              dspy.__version__, os.getpid(), time.monotonic() - started)
-
-    while True:
-        response = bridge.handle_frame(frames.get())
-        try:
-            body = encode(response)
-        except (TypeError, ValueError) as exc:
-            body = encode({"id": response.get("id", 0), "success": False,
-                           "error": f"result could not be encoded as JSON: {exc}"})
-        try:
-            write_frame(response_fd, body)
-        except BrokenPipeError:
-            os._exit(0)  # the reader of our replies is gone
-        if bridge.shutdown_requested:
-            logging.shutdown()
-            os._exit(0)  # skip interpreter teardown: library threads must not keep us alive
+    asyncio.run(server.run())
 
 
 if __name__ == "__main__":

@@ -8,8 +8,24 @@ wrong id) so every failure path of the pool can be exercised.
 
     python test_worker.py [--worker-id ID] [--mode pool-worker]
 
-Environment knobs: TEST_WORKER_FAIL_ON_START=1 (traceback, exit 1, never
-answers), TEST_WORKER_START_DELAY_MS=n (sleep before serving).
+Environment knobs:
+  TEST_WORKER_FAIL_ON_START=1     traceback, exit 1, never answers
+  TEST_WORKER_START_DELAY_MS=n    sleep before serving
+  TEST_WORKER_BANNER=text         write text (and a newline) on the protocol stdout at start,
+                                  as a library printing a banner would ("1": a default banner)
+  TEST_WORKER_STDERR_FLOOD=n      write n lines to stderr at start
+  TEST_WORKER_PROTOCOL=2          (or --protocol 2) answer the handshake ping with protocol 2;
+                                  default/1: v1 only (the handshake gets a plain ping reply)
+  TEST_WORKER_CONCURRENCY=n       (or --concurrency n) announced under protocol 2 (default 8)
+
+Under protocol 2, sleep/chunks/tool run on their own threads (so they overlap
+and can be cancelled with {"id": N, "control": "cancel"}, then reply
+{"success": false, "error": "cancelled"}); everything else, pings included,
+is answered at once by the reading thread.
+
+Misbehaving commands: exit, kill_self, garbage_stdout, garbage_json, wrong_id,
+no_success_key, reply_twice, unparseable, stderr_flood, spawn_grandchild,
+go_silent (never write anything again, not even to pings), big, print_stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +39,10 @@ if os.environ.get("TEST_WORKER_FAIL_ON_START") == "1":
 import argparse
 import json
 import logging
+import re
 import signal
+import subprocess
+import threading
 import time
 from typing import Any, Callable
 
@@ -61,6 +80,32 @@ def decode(body: bytes) -> Any:
     return orjson.loads(body) if orjson else json.loads(body)
 
 
+_ID_PREFIX = re.compile(rb'\A\s*\{\s*"id"\s*:\s*(-?\d{1,19})\s*[,}]')
+
+
+def id_from_prefix(body: bytes) -> int | None:
+    """The id of a request that cannot be parsed, from its first bytes ('{"id":N,'), else None."""
+    match = _ID_PREFIX.match(body[:64])
+    return int(match.group(1)) if match else None
+
+
+class Cancelled(Exception):
+    pass
+
+
+class InFlight:
+    """A protocol-2 request running on its own thread."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.tool_results: dict[int, Any] = {}
+        self.changed = threading.Condition()
+
+    def sleep(self, seconds: float) -> None:
+        if self.cancelled.wait(seconds):
+            raise Cancelled()
+
+
 class Reply(Exception):
     """Raised by a command that answers with something other than a normal frame."""
 
@@ -74,11 +119,21 @@ class Worker:
         "ping", "echo", "sleep", "exit", "kill_self", "print_stdout", "garbage_stdout", "garbage_json",
         "wrong_id", "no_success_key", "fail", "big", "stderr", "stats", "shutdown", "configure_lm",
         "create_program", "execute_program", "list_programs", "delete_program", "cleanup_session",
-        "restore_session",
+        "restore_session", "reply_twice", "unparseable", "stderr_flood", "spawn_grandchild", "go_silent",
+        "chunks", "tool",
     })
+    THREADED = frozenset({"sleep", "chunks", "tool"})  # under protocol 2: run on their own threads
 
-    def __init__(self, worker_id: str | None, proto_fd: int) -> None:
+    def __init__(self, worker_id: str | None, proto_fd: int, protocol: int = 1, concurrency: int = 8) -> None:
         self.worker_id, self.proto_fd = worker_id, proto_fd
+        self.max_protocol, self.concurrency = protocol, concurrency
+        self.protocol = 1  # until a handshake ping asks for 2 (and we allow it)
+        self.write_lock = threading.Lock()
+        self.silent = False
+        self.in_flight: dict[int, InFlight] = {}
+        self.peak_in_flight = 0
+        self.cancelled_ids: list[int] = []
+        self.grandchildren: list[int] = []
         self.calls = 0
         self.sessions: dict[str, dict[str, dict[str, Any]]] = {}  # session -> program id -> spec
         self.session_lms: dict[str, dict[str, Any]] = {}
@@ -105,14 +160,54 @@ class Worker:
     # -- plain commands
 
     def ping(self, args):
-        return {"status": "ok", "worker_id": self.worker_id, "pid": os.getpid()}
+        result = {"status": "ok", "worker_id": self.worker_id, "pid": os.getpid()}
+        if args.get("handshake") and self.max_protocol >= 2 and isinstance(args.get("protocol"), int) \
+                and args["protocol"] >= 2:
+            self.protocol = 2
+        if self.protocol >= 2:
+            result.update(protocol=2, concurrency=self.concurrency, features=["cancel", "chunks", "tool_calls"],
+                          in_flight=len(self.in_flight))
+        return result
 
     def echo(self, args):
         return args
 
-    def sleep(self, args):
-        time.sleep(args.get("ms", 0) / 1000)
+    def sleep(self, args, flight: InFlight | None = None):
+        seconds = args.get("ms", 0) / 1000
+        if flight is not None:
+            flight.sleep(seconds)
+        else:
+            time.sleep(seconds)
         return {"slept": args.get("ms", 0)}
+
+    def chunks(self, args, flight: InFlight | None = None):
+        """n chunk events for one field, delay_ms apart, then the reply."""
+        n, field = int(args.get("n", 3)), str(args.get("field", "answer"))
+        delay = args.get("delay_ms", 0) / 1000
+        for i in range(n):
+            if i and delay:
+                flight.sleep(delay) if flight else time.sleep(delay)
+            if flight is not None and flight.cancelled.is_set():
+                raise Cancelled()
+            self.send({"id": self.current_id(), "event": "chunk", "field": field, "text": f"chunk {i} "})
+        return {"chunks": n, "field": field}
+
+    def tool(self, args, flight: InFlight | None = None):
+        """A tool_call event per call; replies with what each tool_result carried."""
+        if flight is None:
+            raise ValueError("tool needs protocol 2")
+        calls = args.get("calls") or [{"name": args.get("name", "lookup"), "args": args.get("args", {})}]
+        rid, answers = self.current_id(), []
+        for call_id, call in enumerate(calls, 1):
+            self.send({"id": rid, "event": "tool_call", "call_id": call_id, "name": call.get("name"),
+                       "args": call.get("args", {})})
+            with flight.changed:
+                while call_id not in flight.tool_results:
+                    if flight.cancelled.is_set():
+                        raise Cancelled()
+                    flight.changed.wait(0.05)
+                answers.append(flight.tool_results.pop(call_id))
+        return {"tool_results": answers}
 
     def exit(self, args):
         os._exit(int(args.get("code", 0)))
@@ -137,6 +232,43 @@ class Worker:
     def no_success_key(self, args):
         raise Reply(encode({"id": self.request_id, "result": 1}))
 
+    def reply_twice(self, args):
+        body = encode({"id": self.request_id, "success": True, "result": {"twice": True}})
+        self.send_body(body)
+        raise Reply(body)
+
+    def unparseable(self, args):
+        """Answer as a worker that could not parse this request: for its id, or (id_known: false) id null."""
+        rid = self.request_id if args.get("id_known", True) else None
+        raise Reply(encode({"id": rid, "success": False, "error": "invalid request: could not parse it"}))
+
+    def stderr_flood(self, args):
+        lines, size = int(args.get("lines", 1000)), int(args.get("bytes", 200))
+        line = ("E" * size).encode()
+        end = b"" if args.get("no_newline") else b"\n"
+        for _ in range(lines):
+            os.write(2, line + end)
+        return {"lines": lines, "bytes": size}
+
+    def spawn_grandchild(self, args):
+        """Start a child that outlives us unless our process group is signalled."""
+        child = subprocess.Popen(["sleep", str(int(args.get("seconds", 3600)))], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.grandchildren.append(child.pid)
+        return {"pid": child.pid, "pgid": os.getpgid(child.pid)}
+
+    def go_silent(self, args):
+        """Never write anything again (reading continues: stdin EOF still ends us). With after_ms:
+        reply now, fall silent that much later (requests in flight then never get their reply)."""
+        after_ms = args.get("after_ms")
+        if after_ms is None:
+            self.silent = True
+            raise Reply(None)
+        timer = threading.Timer(after_ms / 1000, lambda: setattr(self, "silent", True))
+        timer.daemon = True
+        timer.start()
+        return {"silent_in_ms": after_ms}
+
     def fail(self, args):
         raise ValueError(args.get("message", "failed on request"))
 
@@ -150,7 +282,9 @@ class Worker:
 
     def stats(self, args):
         return {"calls": self.calls, "pid": os.getpid(),
-                "sessions": {sid: list(progs) for sid, progs in self.sessions.items()}}
+                "sessions": {sid: list(progs) for sid, progs in self.sessions.items()},
+                "protocol": self.protocol, "in_flight": len(self.in_flight), "peak_in_flight": self.peak_in_flight,
+                "cancelled_ids": self.cancelled_ids[-100:], "grandchildren": self.grandchildren}
 
     def shutdown(self, args):
         self.shutdown_requested = True
@@ -211,6 +345,25 @@ class Worker:
             self.session_lms.pop(sid, None)
         return {"session_id": sid, "programs": len(specs)}
 
+    # -- output
+
+    def send_body(self, body: bytes) -> None:
+        if self.silent:
+            return
+        with self.write_lock:
+            try:
+                write_frame(self.proto_fd, body)
+            except BrokenPipeError:
+                os._exit(0)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.send_body(encode(frame))
+
+    _local = threading.local()
+
+    def current_id(self) -> int:
+        return getattr(self._local, "request_id", self.request_id)
+
     # -- dispatch
 
     def handle(self, body: bytes) -> bytes | None:
@@ -218,25 +371,72 @@ class Worker:
         try:
             request = decode(body)
         except ValueError as exc:
-            return encode({"id": 0, "success": False, "error": f"invalid request: {exc}"})
+            return encode({"id": id_from_prefix(body), "success": False, "error": f"invalid request: {exc}"})
         if not isinstance(request, dict) or not isinstance(request.get("id"), int):
-            return encode({"id": 0, "success": False, "error": "invalid request: expected an object with an integer id"})
+            return encode({"id": id_from_prefix(body), "success": False,
+                           "error": "invalid request: expected an object with an integer id"})
+        if "control" in request:
+            self.control(request)
+            return None
         self.request_id = request["id"]
+        self._local.request_id = request["id"]
         command, args = request.get("command"), request.get("args") or {}
         if command not in self.COMMANDS:
             return encode({"id": self.request_id, "success": False, "error": f"Unknown command: {command}"})
-        handler: Callable[[dict[str, Any]], Any] = getattr(self, command)
+        if self.protocol >= 2 and command in self.THREADED:
+            self.start_thread(self.request_id, command, args)
+            return None
+        return self.run(self.request_id, command, args)
+
+    def run(self, rid: int, command: str, args: dict[str, Any], flight: InFlight | None = None) -> bytes | None:
+        handler: Callable[..., Any] = getattr(self, command)
         try:
-            return encode({"id": self.request_id, "success": True, "result": handler(args)})
+            result = handler(args, flight) if command in self.THREADED else handler(args)
+            return encode({"id": rid, "success": True, "result": result})
         except Reply as reply:
             return reply.body
+        except Cancelled:
+            return encode({"id": rid, "success": False, "error": "cancelled"})
         except Exception as exc:
-            return encode({"id": self.request_id, "success": False, "error": str(exc)})
+            return encode({"id": rid, "success": False, "error": str(exc)})
+
+    def start_thread(self, rid: int, command: str, args: dict[str, Any]) -> None:
+        if rid in self.in_flight:
+            self.send({"id": rid, "success": False, "error": f"request id {rid} is already in flight"})
+            return
+        flight = self.in_flight[rid] = InFlight()
+        self.peak_in_flight = max(self.peak_in_flight, len(self.in_flight))
+
+        def work() -> None:
+            self._local.request_id = rid
+            try:
+                reply = self.run(rid, command, args, flight)
+            finally:
+                self.in_flight.pop(rid, None)
+            if reply is not None:
+                self.send_body(reply)
+
+        threading.Thread(target=work, name=f"request-{rid}", daemon=True).start()
+
+    def control(self, frame: dict[str, Any]) -> None:
+        flight = self.in_flight.get(frame["id"])
+        if flight is None:
+            return  # finished or unknown: ignored
+        if frame.get("control") == "cancel":
+            self.cancelled_ids.append(frame["id"])
+            flight.cancelled.set()
+        elif frame.get("control") == "tool_result":
+            with flight.changed:
+                flight.tool_results[frame.get("call_id")] = {k: v for k, v in frame.items()
+                                                             if k not in ("id", "control")}
+                flight.changed.notify_all()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--protocol", default=os.environ.get("TEST_WORKER_PROTOCOL", "1"))
+    parser.add_argument("--concurrency", default=os.environ.get("TEST_WORKER_CONCURRENCY", "8"))
     opts, _ = parser.parse_known_args()  # accepts --mode etc. like the real bridge
 
     proto_fd = os.dup(1)
@@ -244,11 +444,17 @@ def main() -> None:
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    banner = os.environ.get("TEST_WORKER_BANNER")
+    if banner:
+        os.write(proto_fd, (("Welcome to some library v1.0" if banner == "1" else banner) + "\n").encode())
+    flood = int(os.environ.get("TEST_WORKER_STDERR_FLOOD", "0") or 0)
+    for i in range(flood):
+        os.write(2, f"flood line {i} ".encode() + b"E" * 180 + b"\n")
     delay_ms = int(os.environ.get("TEST_WORKER_START_DELAY_MS", "0") or 0)
     if delay_ms > 0:
         time.sleep(delay_ms / 1000)
 
-    worker = Worker(opts.worker_id, proto_fd)
+    worker = Worker(opts.worker_id, proto_fd, protocol=int(opts.protocol), concurrency=int(opts.concurrency))
     log.info("worker %s ready (pid %d)", opts.worker_id or "-", os.getpid())
     while True:
         header = read_exact(0, 4)
@@ -257,10 +463,7 @@ def main() -> None:
             os._exit(0)  # stdin closed: the VM is gone
         reply = worker.handle(body)
         if reply is not None:
-            try:
-                write_frame(proto_fd, reply)
-            except BrokenPipeError:
-                os._exit(0)
+            worker.send_body(reply)
         if worker.shutdown_requested:
             os._exit(0)
 

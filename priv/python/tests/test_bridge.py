@@ -4,200 +4,19 @@ Both scripts run as real subprocesses and are driven through the real framing
 (4-byte big-endian length + JSON) over pipes; the bridge runs real DSPy with
 its offline "dummy" LM. Run with:
 
-    /tmp/probe-venv/bin/python -m unittest discover -s priv/python/tests -v
+    priv/python/.venv/bin/python -m unittest discover -s priv/python/tests -v
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-import subprocess
-import sys
-import tempfile
-import textwrap
-import threading
 import time
 import unittest
-from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
-BRIDGE = ROOT / "priv" / "python" / "dspy_bridge.py"
-TEST_WORKER = ROOT / "test" / "support" / "test_worker.py"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-REPLY_TIMEOUT = 20.0
-
-# Runs a worker script after optionally hiding orjson (to exercise the stdlib
-# json path) or making dspy.Predict misbehave like a noisy library: print to
-# sys.stdout, write to fd 1 from C level and from a child process, or block.
-LAUNCHER = textwrap.dedent("""
-    import os, runpy, subprocess, sys, threading
-    script = sys.argv[1]
-    if os.environ.get("LAUNCH_BLOCK_ORJSON") == "1":
-        sys.modules["orjson"] = None  # "import orjson" now raises ImportError
-    if os.environ.get("LAUNCH_NOISY_DSPY") == "1":
-        import dspy
-        original = dspy.Predict.forward
-        def forward(self, **kwargs):
-            values = " ".join(str(v) for v in kwargs.values())
-            if "__print__" in values:
-                print("PRINTED-BY-LIBRARY")
-                os.write(1, b"WRITTEN-TO-FD-1\\n")
-                subprocess.run(["echo", "CHILD-STDOUT"], check=True)
-            if "__block__" in values:
-                sys.stderr.write("LONG-CALL-STARTED\\n")
-                sys.stderr.flush()
-                threading.Event().wait(120)
-            return original(self, **kwargs)
-        dspy.Predict.forward = forward
-    sys.argv = [script, *sys.argv[2:]]
-    runpy.run_path(script, run_name="__main__")
-""")
-
-QA = {"inputs": [{"name": "question", "description": "a question"}],
-      "outputs": [{"name": "answer", "description": "the answer"}]}
-
-
-class Worker:
-    """A worker subprocess driven over its stdin/stdout pipes."""
-
-    def __init__(self, script: Path, *args: str, env: dict[str, str] | None = None,
-                 launcher: Path | None = None) -> None:
-        argv = [sys.executable, *([str(launcher)] if launcher else []), str(script), *args]
-        full_env = {**os.environ, "DSPY_CACHEDIR": CACHE_DIR, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0, env=full_env)
-        self.next_id = 1
-        self.stderr_lines: list[str] = []
-        self._stderr_changed = threading.Condition()
-        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._drain.start()
-
-    def _drain_stderr(self) -> None:
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self._stderr_changed:
-                self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._stderr_changed.notify_all()
-
-    def wait_for_stderr(self, needle: str, timeout: float = REPLY_TIMEOUT) -> None:
-        with self._stderr_changed:
-            if not self._stderr_changed.wait_for(
-                    lambda: any(needle in line for line in self.stderr_lines), timeout):
-                raise AssertionError(f"{needle!r} not on stderr: {self.stderr_lines}")
-
-    def stderr_until_closed(self) -> list[str]:
-        """All stderr lines, once the worker has exited and closed stderr."""
-        self._drain.join(REPLY_TIMEOUT)
-        with self._stderr_changed:
-            return list(self.stderr_lines)
-
-    def stderr_text(self) -> str:
-        with self._stderr_changed:
-            return "\n".join(self.stderr_lines)
-
-    # -- framing
-
-    def send_body(self, body: bytes) -> None:
-        self.proc.stdin.write(len(body).to_bytes(4, "big") + body)
-        self.proc.stdin.flush()
-
-    def send(self, command: str, args: Any = None, request_id: int | None = None) -> int:
-        if request_id is None:
-            request_id, self.next_id = self.next_id, self.next_id + 1
-        request = {"id": request_id, "command": command, "args": {} if args is None else args,
-                   "timestamp": time.time()}
-        self.send_body(json.dumps(request).encode())
-        return request_id
-
-    def read_exact(self, n: int, timeout: float = REPLY_TIMEOUT) -> bytes:
-        fd, buf = self.proc.stdout.fileno(), bytearray()
-        deadline = time.monotonic() + timeout
-        while len(buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no reply within {timeout}s; stderr:\n{self.stderr_text()}")
-            if select.select([fd], [], [], remaining)[0]:
-                chunk = os.read(fd, n - len(buf))
-                if not chunk:
-                    raise EOFError(f"worker closed stdout; stderr:\n{self.stderr_text()}")
-                buf += chunk
-        return bytes(buf)
-
-    def read_body(self) -> bytes:
-        return self.read_exact(int.from_bytes(self.read_exact(4), "big"))
-
-    def read_reply(self) -> dict[str, Any]:
-        return json.loads(self.read_body())
-
-    def call(self, command: str, args: Any = None) -> dict[str, Any]:
-        request_id = self.send(command, args)
-        reply = self.read_reply()
-        assert reply["id"] == request_id, reply
-        return reply
-
-    def ok(self, command: str, args: Any = None) -> Any:
-        reply = self.call(command, args)
-        assert reply["success"] is True, reply
-        return reply["result"]
-
-    def error(self, command: str, args: Any = None) -> str:
-        reply = self.call(command, args)
-        assert reply["success"] is False and isinstance(reply["error"], str), reply
-        assert set(reply) == {"id", "success", "error"}, reply
-        return reply["error"]
-
-    # -- lifecycle
-
-    def close_stdin(self) -> None:
-        self.proc.stdin.close()
-
-    def wait(self, timeout: float = REPLY_TIMEOUT) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._drain.join(REPLY_TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
-def setUpModule() -> None:
-    global TMP, CACHE_DIR, LAUNCH
-    TMP = tempfile.TemporaryDirectory(prefix="dspex_bridge_test_")
-    CACHE_DIR = os.path.join(TMP.name, "dspy_cache")
-    LAUNCH = Path(TMP.name) / "launch.py"
-    LAUNCH.write_text(LAUNCHER)
-
-
-def tearDownModule() -> None:
-    TMP.cleanup()
-
-
-def bridge(*args: str, **kwargs: Any) -> Worker:
-    return Worker(BRIDGE, *args, **kwargs)
-
-
-def pool_bridge(worker_id: str, **kwargs: Any) -> Worker:
-    return bridge("--mode", "pool-worker", "--worker-id", worker_id, **kwargs)
-
-
-def program(session_id: str, program_id: str | None, program_type: str = "predict",
-            signature: dict[str, Any] = QA, **extra: Any) -> dict[str, Any]:
-    spec = {"session_id": session_id, "signature": signature, "program_type": program_type, **extra}
-    if program_id is not None:
-        spec["id"] = program_id
-    return spec
-
-
-def execute(session_id: str, program_id: str, **inputs: Any) -> dict[str, Any]:
-    return {"session_id": session_id, "program_id": program_id, "inputs": inputs}
+from support import (LAUNCH, LEVELS, QA, TEST_WORKER, Worker, bridge, execute, pool_bridge,  # noqa: F401
+                     program)
 
 
 class BridgePoolWorkerTest(unittest.TestCase):
@@ -298,7 +117,7 @@ class BridgePoolWorkerTest(unittest.TestCase):
         result = self.w.ok("configure_lm", {"provider": "dummy", "session_id": "lm-a",
                                             "answers": [{"answer": "one"}, {"answer": "two"}]})
         self.assertEqual(result, {"configured": True, "status": "configured", "provider": "dummy",
-                                  "model": "dummy", "scope": "session"})
+                                  "model": "dummy", "scope": "session", "temperature": None})
         for sid in ("lm-a", "lm-b"):
             self.w.ok("create_program", program(sid, "cot", "chain_of_thought"))
         answers = [self.w.ok("execute_program", execute("lm-a", "cot", question="q"))["outputs"]
@@ -313,7 +132,7 @@ class BridgePoolWorkerTest(unittest.TestCase):
                                             "api_key": "secret", "temperature": 0.2, "max_tokens": 64,
                                             "session_id": "real"})
         self.assertEqual(result, {"configured": True, "status": "configured", "provider": "gemini",
-                                  "model": "gemini-1.5-flash", "scope": "session"})
+                                  "model": "gemini-1.5-flash", "scope": "session", "temperature": 0.2})
         self.assertNotIn("secret", json.dumps(self.w.ok("get_stats", {"session_id": "real"})))
         inferred = self.w.ok("configure_lm", {"model": "gpt-4o-mini", "session_id": "real"})
         self.assertEqual(inferred["provider"], "openai")
@@ -380,7 +199,7 @@ class BridgePoolWorkerTest(unittest.TestCase):
 
     def test_session_id_required_in_pool_mode(self) -> None:
         for command, args in [("create_program", {"signature": QA}), ("execute_program", {"program_id": "p"}),
-                              ("list_programs", {}), ("delete_program", {"program_id": "p"}),
+                              ("delete_program", {"program_id": "p"}),
                               ("get_program_info", {"program_id": "p"}), ("cleanup_session", {}),
                               ("restore_session", {"programs": []})]:
             with self.subTest(command):
@@ -436,13 +255,13 @@ class BridgePoolWorkerTest(unittest.TestCase):
     def test_invalid_frames_and_commands(self) -> None:
         self.w.send_body(b"not json{")
         reply = self.w.read_reply()
-        self.assertEqual((reply["id"], reply["success"]), (0, False))
+        self.assertEqual((reply["id"], reply["success"]), (None, False))
         self.assertTrue(reply["error"].startswith("invalid request"), reply)
         self.w.send_body(b"\xff\xfe{}")  # not UTF-8
-        self.assertEqual(self.w.read_reply()["id"], 0)
+        self.assertEqual(self.w.read_reply()["id"], None)
         self.w.send_body(b"[1, 2]")
-        self.assertEqual(self.w.read_reply()["id"], 0)
-        self.w.send_body(json.dumps({"id": 77, "command": "ping", "args": [1]}).encode())
+        self.assertEqual(self.w.read_reply()["id"], None)
+        self.w.send_body(json.dumps({"id": 77, "command": "ping", "args": [1]}).encode())  # the fast ping path too
         reply = self.w.read_reply()
         self.assertEqual((reply["id"], reply["success"]), (77, False))
         self.assertEqual(self.w.error("frobnicate"), "Unknown command: frobnicate")
@@ -626,7 +445,7 @@ class TestWorkerTest(unittest.TestCase):
         self.assertEqual(self.w.read_reply(), {"id": request_id, "result": 1})
         self.w.send_body(b"{not json")
         reply = self.w.read_reply()
-        self.assertEqual((reply["id"], reply["success"]), (0, False))
+        self.assertEqual((reply["id"], reply["success"]), (None, False))
         self.assertEqual(self.w.ok("ping")["status"], "ok")
 
     def test_sessions(self) -> None:
