@@ -14,6 +14,7 @@ defmodule DSPexBench.Report do
   def title(5), do: "10,000 processes queued on a pool of 2"
   def title(6), do: "DSPy workers: start-up, RSS, Predict executions/s"
   def title(7), do: "term <-> JSON conversion and 1 MiB payloads (extra)"
+  def title(8), do: "DSPy workers: fork server vs spawn (start, replacement, PSS)"
 
   # ---- sections -----------------------------------------------------------------------------
 
@@ -194,6 +195,49 @@ defmodule DSPexBench.Report do
 
     #{Fmt.table(["workers", "ready", "NativePool ms to ready", "one after another ms", "RSS/worker MiB (median)", "RSS max MiB"], starts)}
     Predict on the dummy LM, pool_size #{e.pool_size}, #{e.concurrency} clients (one session each), closed loop: **#{Fmt.num(e.throughput)} executions/s**, p50 #{Fmt.num(e.lat.p50)} µs, p99 #{Fmt.num(e.lat.p99)} µs, errors #{e.errors}#{if e.first_error, do: " (first: `#{inspect(e.first_error)}`)", else: ""}, session restores #{e.restores}.
+    """
+  end
+
+  def section(8, r, _cfg) do
+    by = Map.new(r.rows, &{{&1.method, &1.n}, &1})
+    ns = r.rows |> Enum.map(& &1.n) |> Enum.uniq() |> Enum.sort()
+    mib = fn kib -> kib && kib / 1024 end
+    sa = r.standalone
+
+    starts =
+      for n <- ns do
+        s = by[{:spawn, n}]
+        f = by[{:fork_server, n}]
+
+        [
+          n,
+          s && s.start_ms,
+          f && f.start_ms,
+          s && f && Stats.ratio(s.start_ms, f.start_ms) |> Fmt.ratio()
+        ]
+      end
+
+    mem =
+      for method <- [:spawn, :fork_server], n <- ns, row = by[{method, n}], row do
+        [
+          method,
+          n,
+          mib.(row.pss_worker.median),
+          sa && sa.rss && row.pss_worker.median && Fmt.pct(row.pss_worker.median / sa.rss),
+          mib.(row.server_pss),
+          mib.(row.pss_total),
+          row.replace_ms && row.replace_ms.median,
+          row.replace_ms && row.replace_ms.max
+        ]
+      end
+
+    """
+    ### 8. #{title(8)}
+
+    One pool per row, `lazy: false`: "ready" is `start_link` returning once every worker answered a ping (for the fork server, its own start and DSPy import included). Replacement: a worker is SIGKILLed and the clock stops when the pool again has every worker ready (the replacement answered its start-up ping). PSS from `/proc/PID/smaps_rollup`; standalone DSPy process (a spawned worker of a 1-worker pool): RSS #{Fmt.num(sa && mib.(sa.rss))} MiB, PSS #{Fmt.num(sa && mib.(sa.pss))} MiB.
+
+    #{Fmt.table(["workers", "spawn ms to ready", "fork_server ms to ready", "speed-up"], starts)}
+    #{Fmt.table(["method", "workers", "PSS/worker MiB (median)", "PSS/worker vs standalone RSS", "fork server PSS MiB", "total PSS MiB", "replacement ms (median)", "replacement ms (max)"], mem)}
     """
   end
 

@@ -5,7 +5,7 @@ defmodule DSPexBench.Runner do
 
   alias DSPexBench.{Env, Impls, Monitor, Report, Scenarios}
 
-  @all [1, 2, 3, 4, 5, 6, 7]
+  @all [1, 2, 3, 4, 5, 6, 7, 8]
 
   def config(opts) do
     quick = Keyword.get(opts, :quick, false)
@@ -36,7 +36,8 @@ defmodule DSPexBench.Runner do
       dspy_seq_ns: pick.([], [1, 4, 8]),
       dspy_exec_size: pick.(4, 8),
       dspy_exec_ms: pick.(2_000, 5_000),
-      s7_big_iters: pick.(10, 40)
+      s7_big_iters: pick.(10, 40),
+      s8_kills: pick.(3, 10)
     }
   end
 
@@ -123,6 +124,7 @@ defmodule DSPexBench.Runner do
         5 -> &Scenarios.s5_queue/1
         6 -> &Scenarios.s6_dspy/1
         7 -> &Scenarios.s7_payload/1
+        8 -> &Scenarios.s8_start_method/1
       end
 
     try do

@@ -517,6 +517,90 @@ defmodule DSPexBench.Scenarios do
     end
   end
 
+  # ---- 8. start methods: fork server vs spawn (issue 11) -------------------------------------
+
+  # For each start method, in the same run: time until n DSPy workers are ready (one pool per
+  # n, the fork server's own start included), time from a SIGKILLed worker to its replacement
+  # answering, and memory: PSS (smaps_rollup) per worker, the pool's total with the fork
+  # server, against one standalone DSPy process (a spawned worker of a 1-worker pool).
+  def s8_start_method(cfg) do
+    case Env.dspy_python() do
+      nil ->
+        %{skipped: "no Python with dspy (priv/python/.venv or /tmp/probe-venv)"}
+
+      python ->
+        rows =
+          for method <- [:spawn, :fork_server], n <- cfg.dspy_ns do
+            s8_start(cfg, python, method, n)
+          end
+
+        standalone = Enum.find(rows, &(&1.method == :spawn and &1.n == 1))
+        %{rows: rows, standalone: standalone && hd(standalone.workers_mem)}
+    end
+  end
+
+  defp s8_start(cfg, python, method, n) do
+    Monitor.phase({:s8, method, n})
+    log("  #{method}: starting #{n} DSPy workers")
+    t0 = Stats.now()
+
+    h =
+      Impls.start(:native, n, python, Env.dspy_script(),
+        start_timeout: 180_000,
+        start_method: method
+      )
+
+    start_ms = Stats.native_to_us(Stats.now() - t0) / 1000
+    {:native, name, _} = h
+
+    try do
+      pids = NativePool.get_pool_status(pool: name).worker_pids
+      mem = Enum.map(pids, &%{pss: Env.pss_kib(&1), rss: Env.rss_kib(&1)})
+      server = pids |> hd() |> Env.ppid()
+      server_pss = if method == :fork_server, do: Env.pss_kib(server), else: 0
+
+      replace =
+        if n == Enum.max(cfg.dspy_ns) or n == 4,
+          do: for(_ <- 1..cfg.s8_kills, do: s8_replace(name, n)),
+          else: []
+
+      %{
+        method: method,
+        n: n,
+        start_ms: start_ms,
+        workers_mem: mem,
+        pss_worker: Stats.summarize(Enum.map(mem, & &1.pss)),
+        pss_total: Enum.sum(Enum.map(mem, & &1.pss)) + server_pss,
+        server_pss: server_pss,
+        replace_ms: if(replace == [], do: nil, else: Stats.summarize(replace))
+      }
+    after
+      Impls.stop(h)
+    end
+  end
+
+  # SIGKILL one worker; ms until the pool has a replacement that answered its ping.
+  defp s8_replace(name, n) do
+    [victim | _] = NativePool.get_pool_status(pool: name).worker_pids
+    t0 = Stats.now()
+    System.cmd("kill", ["-9", Integer.to_string(victim)])
+    wait_replaced(name, n, victim)
+    ms = Stats.native_to_us(Stats.now() - t0) / 1000
+    {:ok, _} = NativePool.execute_anonymous(:ping, %{}, pool: name)
+    ms
+  end
+
+  defp wait_replaced(name, n, victim) do
+    st = NativePool.get_pool_status(pool: name)
+
+    if st.ready == n and victim not in st.worker_pids do
+      :ok
+    else
+      Process.sleep(1)
+      wait_replaced(name, n, victim)
+    end
+  end
+
   # ---- 7. conversion and 1 MiB payloads (extra) --------------------------------------------
 
   def s7_payload(cfg) do

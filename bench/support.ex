@@ -240,6 +240,21 @@ defmodule DSPexBench.Env do
     end
   end
 
+  @doc "Proportional set size of an OS process (its shared pages split among their users), KiB."
+  def pss_kib(os_pid) do
+    with {:ok, text} <- File.read("/proc/#{os_pid}/smaps_rollup"),
+         [_, kib] <- Regex.run(~r/^Pss:\s*(\d+)\s*kB/m, text) do
+      String.to_integer(kib)
+    else
+      _ -> nil
+    end
+  end
+
+  @doc "Parent pid of an OS process."
+  def ppid(os_pid) do
+    File.read!("/proc/#{os_pid}/stat") |> String.split(" ") |> Enum.at(3) |> String.to_integer()
+  end
+
   @doc "VmRSS of an OS process, in KiB."
   def rss_kib(os_pid) do
     with {:ok, text} <- File.read("/proc/#{os_pid}/status"),

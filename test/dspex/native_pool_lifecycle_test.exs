@@ -182,11 +182,19 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
 
     {beam, workers} = await_ready(port)
     assert length(workers) == 3
-    assert Enum.all?(workers, &alive?/1)
+    # Workers are children of the pool's fork server, itself a child of the VM.
+    [server] = workers |> Enum.map(&ppid/1) |> Enum.uniq()
+    assert ppid(server) == String.to_integer(beam)
+    all = [server | workers]
+    assert Enum.all?(all, &alive?/1)
 
     System.cmd("kill", ["-9", beam])
     assert_receive {^port, {:exit_status, _}}, 10_000
-    eventually(fn -> Enum.all?(workers, &(not alive?(&1))) end)
+    eventually(fn -> Enum.all?(all, &(not alive?(&1))) end)
+  end
+
+  defp ppid(os_pid) do
+    File.read!("/proc/#{os_pid}/stat") |> String.split(" ") |> Enum.at(3) |> String.to_integer()
   end
 
   defp await_ready(port) do

@@ -17,6 +17,7 @@ defmodule DSPex.NativePool.Server do
     :lazy,
     :python,
     :script,
+    :start_method,
     :worker_args,
     :env,
     :checkout_timeout,
@@ -50,6 +51,14 @@ defmodule DSPex.NativePool.Server do
       lazy: check(opts, :lazy, true, &is_boolean/1, "a boolean"),
       python: check(opts, :python, default_python(), &string?/1, "a path"),
       script: check(opts, :script, default_script(), &string?/1, "a path"),
+      start_method:
+        check(
+          opts,
+          :start_method,
+          default_start_method(opts[:script]),
+          &(&1 in [:fork_server, :spawn]),
+          ":fork_server or :spawn"
+        ),
       worker_args: check(opts, :worker_args, [], &strings?/1, "a list of strings"),
       env: check(opts, :env, [], &env?/1, "a list of {name, value} strings"),
       checkout_timeout:
@@ -120,6 +129,12 @@ defmodule DSPex.NativePool.Server do
 
   defp default_script, do: Path.join(priv_dir(), "python/dspy_bridge.py")
 
+  # The DSPy bridge is forked from a fork server that imported DSPy once; other scripts are
+  # started afresh (through the same server, so the VM never forks per worker).
+  defp default_start_method(script) do
+    if script in [nil, default_script()], do: :fork_server, else: :spawn
+  end
+
   defp priv_dir, do: :code.priv_dir(:dspex_native_pool) |> to_string()
 
   @doc false
@@ -163,6 +178,8 @@ defmodule DSPex.NativePool.Server do
       shutdown_grace: opts[:shutdown_grace],
       python: opts[:python],
       script: opts[:script],
+      start_method: opts[:start_method],
+      fork_server: Path.join(priv_dir(), "python/fork_server.py"),
       worker_args: opts[:worker_args],
       env:
         [
@@ -277,8 +294,14 @@ defmodule DSPex.NativePool.Server do
     Process.send_after(self(), :sweep_sessions, ttl |> div(4) |> max(10) |> min(300_000))
   end
 
-  defp handle_native({:dspex_native_pool_log, worker, level, line}, state) do
-    Logger.log(level, line, worker_id: worker, pool: state.pool.name)
+  # One message per batch of stderr lines; the next batch comes after the ack, so the mailbox
+  # never holds more than one batch per pool.
+  defp handle_native({:dspex_native_pool_logs, ack, lines}, state) do
+    for {worker, level, line} <- lines do
+      Logger.log(level, line, worker_id: worker, pool: state.pool.name)
+    end
+
+    Native.log_ack(ack)
   end
 
   defp handle_native({:dspex_native_pool_event, event, worker, meta}, state) do

@@ -22,6 +22,13 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:python` - interpreter (default: the venv of `mix dspex_native_pool.setup_python` when it
       exists, else `python3`)
     * `:script` - worker script (default: `priv/python/dspy_bridge.py`)
+    * `:start_method` - `:fork_server` (default for the DSPy bridge): workers are forks of one
+      process per pool that imported the script (and DSPy) once, so they start in milliseconds
+      and share memory; `:spawn` (default for any other `:script`): each worker is a fresh
+      interpreter. Either way a helper process starts the workers, never the VM itself. A
+      script the fork server cannot import once and run per worker (it needs a top-level
+      `main(argv)`, run only under `if __name__ == "__main__"`) falls back to `:spawn`, with a
+      warning in the log
     * `:worker_args` - extra arguments for the script (default: `[]`)
     * `:env` - extra environment for workers, a list of `{name, value}` strings
     * `:checkout_timeout` - default `:pool_timeout` of calls, ms (default: 5_000)

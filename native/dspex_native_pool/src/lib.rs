@@ -3,11 +3,13 @@
 //! One module per concept. `runtime`, `protocol`, `worker`, `session` and `pool` know nothing
 //! of the BEAM (the pool's logic is tested against in-process fake workers in `pool_tests`);
 //! `term` (term <-> JSON), `checkout` (process monitors, checkout handles), the encoding of
-//! `error` and `nif` (the NIF functions) are the BEAM side.
+//! `error`, `logs` (worker stderr batched to the owner) and `nif` (the NIF functions) are the BEAM
+//! side. `zygote` is the client of the fork server that starts workers.
 
 pub mod error;
 #[cfg(test)]
 pub mod fake;
+mod logs;
 pub mod pool;
 #[cfg(test)]
 mod pool_tests;
@@ -16,6 +18,7 @@ pub mod runtime;
 pub mod session;
 pub mod term;
 pub mod worker;
+pub mod zygote;
 
 mod checkout;
 mod nif;

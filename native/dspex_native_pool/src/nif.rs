@@ -18,11 +18,11 @@ use crate::worker::PythonSpawner;
 mod atoms {
     rustler::atoms! {
         ok, error, queued, anonymous, session, strict, nil,
-        dspex_native_pool_log, dspex_native_pool_event, worker_started, worker_exited, stopped,
+        fork_server, dspex_native_pool_event, worker_started, worker_exited, stopped,
         pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions, open_leases,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
-        debug, info, warning, dirty,
+        dirty,
     }
 }
 
@@ -106,6 +106,7 @@ impl Drop for BeamReply {
 
 struct BeamEvents {
     owner: LocalPid,
+    logs: Arc<crate::logs::Batcher>,
 }
 
 impl BeamEvents {
@@ -119,15 +120,7 @@ impl BeamEvents {
 
 impl EventSink for BeamEvents {
     fn log(&self, worker: u64, level: &'static str, line: String) {
-        self.send(move |env| {
-            let level = match level {
-                "debug" => atoms::debug(),
-                "warning" => atoms::warning(),
-                "error" => atoms::error(),
-                _ => atoms::info(),
-            };
-            (atoms::dspex_native_pool_log(), worker, level, line).encode(env)
-        });
+        self.logs.push(worker, level, line);
     }
 
     fn worker_started(&self, worker: u64, pid: Option<u32>, start_ms: u64) {
@@ -184,6 +177,8 @@ struct Config {
     script: String,
     worker_args: Vec<String>,
     env: Vec<(String, String)>,
+    start_method: Atom,
+    fork_server: String,
 }
 
 #[rustler::nif]
@@ -199,13 +194,23 @@ fn pool_start(env: Env, config: Config) -> Term {
         shutdown_grace: Duration::from_millis(config.shutdown_grace),
         ..PoolConfig::default()
     };
-    let spawner = PythonSpawner {
-        python: PathBuf::from(config.python),
-        script: PathBuf::from(config.script),
-        args: config.worker_args,
-        env: config.env,
+    let mode = if config.start_method == atoms::fork_server() {
+        crate::zygote::Mode::Fork
+    } else {
+        crate::zygote::Mode::Spawn
     };
-    let events = BeamEvents { owner: env.pid() };
+    let spawner = PythonSpawner::new(
+        PathBuf::from(config.python),
+        PathBuf::from(config.script),
+        config.worker_args,
+        config.env,
+        PathBuf::from(config.fork_server),
+        mode,
+    );
+    let events = BeamEvents {
+        owner: env.pid(),
+        logs: crate::logs::for_owner(env.pid()),
+    };
     let pool = Pool::start(pool_config, Box::new(spawner), Box::new(events));
     ResourceArc::new(PoolResource {
         shared: Shared::new(pool),

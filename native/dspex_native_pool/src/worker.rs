@@ -4,23 +4,23 @@
 //! workers (see `crate::fake`) and runs in production with [`PythonSpawner`].
 //!
 //! # Caveats
-//! * Children get `PR_SET_PDEATHSIG(SIGKILL)`, which fires when the *forking thread* exits:
-//!   spawn only from the pool's long-lived Tokio worker threads, never from `spawn_blocking`.
-//! * Each child leads its own process group, so signals reach whatever it started too.
-//! * ERTS ignores SIGCHLD; `crate::runtime` installs a handler at load so exit statuses exist.
+//! * Workers are children of the pool's fork server, never of the VM (see [`crate::zygote`]).
+//! * Each worker leads its own process group, so signals reach whatever it started too, and
+//!   the group is killed whenever the worker exits.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::unix::pipe;
 
 use crate::error::ExitInfo;
+use crate::zygote;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -125,119 +125,227 @@ pub fn level_of(line: &str) -> &'static str {
     }
 }
 
-/// Reads stderr line by line until EOF, handing each line to `sink`.
-pub async fn drain_stderr(stderr: BoxRead, mut sink: impl FnMut(String)) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&buf);
-                sink(line.trim_end_matches(['\n', '\r']).to_owned());
-            }
+/// Longest stderr line passed on; the rest of a longer line is dropped and counted.
+pub const MAX_LINE: usize = 8 * 1024;
+/// Lines a worker may log at once before the rate limit applies.
+pub const LINE_BURST: f64 = 1000.0;
+/// Lines per second a worker may log in the long run; the excess is dropped and counted.
+pub const LINES_PER_SEC: f64 = 500.0;
+
+/// A token bucket: `burst` lines at once, `rate` per second after that.
+struct RateLimit {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
 
-/// Starts the Python worker script: `python script --mode pool-worker --worker-id N`.
+/// Reads stderr until EOF, handing each line to `sink`, without ever holding more than
+/// [`MAX_LINE`] bytes of one line: longer lines are cut with a marker saying how much was
+/// dropped. A worker logging faster than [`LINES_PER_SEC`] (after a burst of [`LINE_BURST`]) has
+/// the excess dropped; how many is logged once a second, as a warning.
+pub async fn drain_stderr(stderr: BoxRead, sink: impl FnMut(String)) {
+    drain_stderr_limited(stderr, sink, LINE_BURST, LINES_PER_SEC).await
+}
+
+async fn drain_stderr_limited(
+    mut stderr: BoxRead,
+    mut sink: impl FnMut(String),
+    burst: f64,
+    rate: f64,
+) {
+    let mut limit = RateLimit {
+        tokens: burst,
+        burst,
+        rate,
+        at: Instant::now(),
+    };
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut line: Vec<u8> = Vec::new();
+    let mut cut = 0usize; // bytes of the current line beyond MAX_LINE
+    let mut dropped = 0u64;
+    let mut dropped_since = Instant::now();
+    let mut emit =
+        |line: &mut Vec<u8>, cut: &mut usize, dropped: &mut u64, sink: &mut dyn FnMut(String)| {
+            if limit.take() {
+                let mut text = String::from_utf8_lossy(line)
+                    .trim_end_matches('\r')
+                    .to_owned();
+                if *cut > 0 {
+                    text.push_str(&format!(" [... {} bytes truncated]", *cut));
+                }
+                sink(text);
+            } else {
+                *dropped += 1;
+            }
+            line.clear();
+            *cut = 0;
+        };
+    let report = |dropped: &mut u64, sink: &mut dyn FnMut(String)| {
+        if *dropped > 0 {
+            sink(format!(
+                "WARNING dspex_native_pool: dropped {} stderr lines of this worker (over {} lines/s)",
+                *dropped, rate as u64
+            ));
+            *dropped = 0;
+        }
+    };
+    loop {
+        let read = if dropped > 0 {
+            let wait =
+                (dropped_since + Duration::from_secs(1)).saturating_duration_since(Instant::now());
+            // `read` is cancellation safe: a timed-out read lost nothing.
+            tokio::time::timeout(wait, stderr.read(&mut chunk))
+                .await
+                .ok()
+        } else {
+            Some(stderr.read(&mut chunk).await)
+        };
+        let n = match read {
+            None => 0,
+            Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(n)) => n,
+        };
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            let (part, newline) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            let keep = part.len().min(MAX_LINE.saturating_sub(line.len()));
+            line.extend_from_slice(&part[..keep]);
+            cut += part.len() - keep;
+            rest = &rest[part.len() + usize::from(newline)..];
+            if newline {
+                let before = dropped;
+                emit(&mut line, &mut cut, &mut dropped, &mut sink);
+                if before == 0 && dropped > 0 {
+                    dropped_since = Instant::now();
+                }
+            }
+        }
+        if dropped > 0 && dropped_since.elapsed() >= Duration::from_secs(1) {
+            report(&mut dropped, &mut sink);
+        }
+    }
+    if !line.is_empty() || cut > 0 {
+        emit(&mut line, &mut cut, &mut dropped, &mut sink);
+    }
+    report(&mut dropped, &mut sink);
+}
+
+/// Starts the Python worker script (`script --mode pool-worker --worker-id N args...`) through
+/// the pool's fork server ([`crate::zygote`]): forked from a process that imported the script
+/// once ([`zygote::Mode::Fork`]), or exec'd afresh ([`zygote::Mode::Spawn`]). Either way the VM
+/// itself never forks.
 pub struct PythonSpawner {
-    pub python: PathBuf,
-    pub script: PathBuf,
     pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
+    server: Arc<zygote::ForkServer>,
+}
+
+impl PythonSpawner {
+    /// `helper` is `priv/python/fork_server.py`; nothing starts until the first spawn.
+    pub fn new(
+        python: PathBuf,
+        script: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        helper: PathBuf,
+        mode: zygote::Mode,
+    ) -> Self {
+        PythonSpawner {
+            args,
+            server: zygote::ForkServer::new(zygote::Config {
+                python,
+                helper,
+                script,
+                env,
+                mode,
+            }),
+        }
+    }
+
+    /// The fork server, e.g. to learn its pid in tests.
+    pub fn server(&self) -> &Arc<zygote::ForkServer> {
+        &self.server
+    }
 }
 
 impl Spawner for PythonSpawner {
+    /// # Caveats
+    /// Waits for the fork server (at the first spawn, while it imports the script) with
+    /// `block_in_place`, so it must run on a multi-threaded runtime or outside any runtime.
     fn spawn(&self, worker_id: u64) -> io::Result<Spawned> {
-        use std::process::Stdio;
-        let mut cmd = tokio::process::Command::new(&self.python);
-        cmd.arg(&self.script)
-            .args([
-                "--mode",
-                "pool-worker",
-                "--worker-id",
-                &worker_id.to_string(),
-            ])
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The VM may have died between fork and prctl: then nobody would kill us.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                // ERTS ignores these; an ignored disposition survives exec.
-                libc::signal(libc::SIGCHLD, libc::SIG_DFL);
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                Ok(())
-            });
+        let mut argv = vec![
+            "--mode".to_owned(),
+            "pool-worker".to_owned(),
+            "--worker-id".to_owned(),
+            worker_id.to_string(),
+        ];
+        argv.extend(self.args.iter().cloned());
+        let server = self.server.clone();
+        let fork = async move { server.fork(argv).await };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => tokio::task::block_in_place(|| handle.block_on(fork)),
+            Err(_) => crate::runtime::handle().block_on(fork),
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("could not start {}: {e}", self.python.display()),
-            )
-        })?;
-        let pid = child.id();
-        let stdin =
-            pipe::Sender::from_owned_fd(child.stdin.take().expect("piped").into_owned_fd()?)?;
-        let stdout: BoxRead = Box::new(child.stdout.take().expect("piped"));
-        let stderr: BoxRead = Box::new(child.stderr.take().expect("piped"));
-        let exited = Arc::new(AtomicBool::new(false));
-        let exited_w = Arc::clone(&exited);
-        let exit = Box::pin(async move {
-            let status = child.wait().await;
-            exited_w.store(true, Ordering::SeqCst);
-            match status {
-                Ok(s) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (s.code(), s.signal()) {
-                        (Some(c), _) => ExitInfo::Code(c),
-                        (None, Some(sig)) => ExitInfo::Signal(sig),
-                        _ => ExitInfo::Unknown,
-                    }
-                }
-                Err(_) => ExitInfo::Unknown,
-            }
-        });
-        let signal = Box::new(move |sig: i32| {
-            // After reaping, the pid may belong to someone else.
-            if let (Some(pid), false) = (pid, exited.load(Ordering::SeqCst)) {
-                // SAFETY: plain syscall; the group is the child's own (process_group(0)).
-                unsafe {
-                    libc::killpg(pid as libc::pid_t, sig);
-                }
-            }
-        });
-        Ok(Spawned {
-            pid,
-            stdin,
-            stdout,
-            stderr: Some(stderr),
-            exit,
-            signal,
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reader(bytes: Vec<u8>) -> BoxRead {
+        Box::new(std::io::Cursor::new(bytes))
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_cut_with_a_marker_and_the_next_line_survives() {
+        let mut input = vec![b'y'; 100_000];
+        input.extend_from_slice(b"\r\nnext\npartial");
+        let mut lines = Vec::new();
+        drain_stderr(reader(input), |l| lines.push(l)).await;
+        assert_eq!(lines.len(), 3);
+        let cut = 100_000 - MAX_LINE + 1; // the \r too
+        assert_eq!(
+            lines[0],
+            format!("{} [... {cut} bytes truncated]", "y".repeat(MAX_LINE))
+        );
+        assert_eq!(lines[1], "next");
+        assert_eq!(lines[2], "partial");
+    }
+
+    #[tokio::test]
+    async fn lines_over_the_rate_are_dropped_and_counted() {
+        let input: Vec<u8> = (0..100)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut lines = Vec::new();
+        drain_stderr_limited(reader(input), |l| lines.push(l), 10.0, 1.0).await;
+        assert_eq!(lines.len(), 11, "{lines:?}");
+        assert_eq!(lines[9], "line 9");
+        assert_eq!(
+            lines[10],
+            "WARNING dspex_native_pool: dropped 90 stderr lines of this worker (over 1 lines/s)"
+        );
+        assert_eq!(level_of(&lines[10]), "warning");
+    }
 
     #[test]
     fn stderr_levels_follow_python_logging_names() {
