@@ -11,6 +11,8 @@ use serde_json::{json, Map, Value};
 /// A session's recorded state. `generation` grows with every change.
 #[derive(Debug, Default)]
 pub struct SessionRecord {
+    /// Unique to this record among all the pool's records, ended ones included.
+    pub epoch: u64,
     pub generation: u64,
     programs: Vec<(String, Value)>,
     lm: Option<Value>,
@@ -19,6 +21,14 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// An empty record with the given epoch.
+    pub fn new(epoch: u64) -> SessionRecord {
+        SessionRecord {
+            epoch,
+            ..SessionRecord::default()
+        }
+    }
+
     /// Drops everything recorded; every worker's copy becomes stale.
     pub fn forget(&mut self) {
         self.programs.clear();
