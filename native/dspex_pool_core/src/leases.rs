@@ -58,7 +58,13 @@ impl<R> Core<R> {
         let mut home_wait: Option<(WorkerId, Option<Instant>)> = None;
         if let Mode::Session { id, strict } = &mode {
             self.session_record(id);
-            let home = self.sessions[id].home;
+            let record = &self.sessions[id];
+            // A strict request goes where the session's strict requests ran.
+            let home = if *strict {
+                record.strict_home.or(record.home)
+            } else {
+                record.home
+            };
             let home_usable = home
                 .and_then(|h| self.workers.get(&h))
                 .is_some_and(|w| w.usable());
@@ -66,6 +72,7 @@ impl<R> Core<R> {
                 (Some(_), false, true) => {
                     let record = self.sessions.get_mut(id).expect("just made");
                     record.home = None;
+                    record.strict_home = None;
                     // Its Python state died with the worker: start afresh, everywhere.
                     record.forget();
                     fx.push(Effect::Discard(reply));
@@ -178,6 +185,9 @@ impl<R> Core<R> {
         if let Mode::Session { id, strict } = &mode {
             if let Some(r) = self.sessions.get_mut(id) {
                 r.home = Some(wid);
+                if *strict {
+                    r.strict_home = Some(wid);
+                }
             }
             if *strict {
                 let w = self.workers.get_mut(&wid).expect("worker exists");

@@ -18,6 +18,8 @@ pub struct SessionRecord {
     lm: Option<Value>,
     /// The worker whose copy is current and that the session prefers.
     pub home: Option<u64>,
+    /// The worker its `:strict` requests ran on: the one that holds its Python state.
+    pub strict_home: Option<u64>,
 }
 
 impl SessionRecord {

@@ -161,6 +161,7 @@ impl<R> Core<R> {
                 Mode::Session { id, strict: true } => {
                     if let Some(r) = self.sessions.get_mut(&id) {
                         r.home = None;
+                        r.strict_home = None;
                         r.forget();
                     }
                     let mut entry = self.remove_lease(lease).expect("present");

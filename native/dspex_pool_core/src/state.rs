@@ -498,6 +498,18 @@ impl<R> Core<R> {
         )
     }
 
+    /// Whether `lease` waits in the queue.
+    pub fn is_queued(&self, lease: LeaseId) -> bool {
+        self.queue.contains(lease)
+    }
+
+    /// Workers in the pool's books (any status, until their exit is reported).
+    pub fn worker_ids(&self) -> Vec<WorkerId> {
+        let mut ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// The worker a lease holds, if any.
     pub fn worker_of(&self, lease: LeaseId) -> Option<WorkerId> {
         match self.leases.get(&lease).map(|l| &l.state) {
