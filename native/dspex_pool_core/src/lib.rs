@@ -9,9 +9,11 @@
 //! including a model test of random event sequences (`tests/model.rs`).
 //!
 //! Modules, one concept each:
-//! * [`state`]: the state, the event type and the dispatcher; status and audit;
+//! * [`api`]: configuration, modes, requests, events, outcomes, status (plain data);
+//! * [`state`]: the state and the dispatcher ([`Core::step`]); `audit` checks its consistency;
 //! * `leases`: acquire, call, release, dispatch to free workers, growth;
-//! * `workers`: a worker's life (start attempts and backoff, frames, recycling, exit, stop);
+//! * `workers`: a worker's life (start attempts and backoff, recycling, exit, stop);
+//! * `replies`: matching frames to requests and what each reply does;
 //! * `sessions`: session records, affinity, `end_session`;
 //! * `deadlines`: what each timer does when it fires;
 //! * [`queue`]: the wait queue (FIFO lanes, O(log n) removal);
@@ -21,12 +23,15 @@
 //! * [`frame`]: encoding requests, decoding responses;
 //! * [`error`]: every error, as data.
 
+pub mod api;
+mod audit;
 mod deadlines;
 pub mod effects;
 pub mod error;
 pub mod frame;
 mod leases;
 pub mod queue;
+mod replies;
 pub mod session;
 mod sessions;
 pub mod state;
@@ -35,10 +40,10 @@ mod workers;
 
 pub use effects::{Delivery, Effect, Level, Signal};
 pub use error::{ExitInfo, PoolError};
+pub use replies::FrameMatch;
 pub use state::{
     Acquired, Core, Counters, Effects, Event, Mode, Outcome, PoolConfig, PoolStatus, Request,
 };
-pub use workers::FrameMatch;
 
 pub type WorkerId = u64;
 pub type LeaseId = u64;

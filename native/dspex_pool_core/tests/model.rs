@@ -120,6 +120,7 @@ impl World {
             overflow_idle: Duration::from_millis(20 + rng.below(200)),
             affinity_wait: Duration::from_millis(rng.below(30)),
             shutdown_grace: Duration::from_millis(50 + rng.below(200)),
+            worker_concurrency: 1,
         };
         let now = Instant::now();
         let mut fx = Vec::new();
@@ -400,7 +401,7 @@ impl World {
         homes_before: &HashMap<String, Option<u64>>,
     ) -> Result<(), String> {
         let desc = describe(&event);
-        self.log.push(format!("{desc}"));
+        self.log.push(desc);
         let (lease_acquired, acquire_mode) = match &event {
             Event::Acquire { lease, mode, .. } => (Some(*lease), Some(mode.clone())),
             _ => (None, None),
@@ -422,10 +423,8 @@ impl World {
             Outcome::Acquired(Err(PoolError::SessionLost(s))) => {
                 self.check_lost(s, homes_before)?;
             }
-            Outcome::Acquired(Ok(Acquired::Queued(l))) => {
-                if acquire_mode == Some(Mode::Anonymous) {
-                    self.anon_queue.push(*l);
-                }
+            Outcome::Acquired(Ok(Acquired::Queued(l))) if acquire_mode == Some(Mode::Anonymous) => {
+                self.anon_queue.push(*l);
             }
             Outcome::Acquired(Err(_)) => {
                 if let Some(l) = lease_acquired {
