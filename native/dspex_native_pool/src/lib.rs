@@ -12,6 +12,8 @@ pub mod error;
 pub mod fake;
 pub mod pool;
 #[cfg(test)]
+mod pool_defect_tests;
+#[cfg(test)]
 mod pool_tests;
 pub mod protocol;
 pub mod runtime;

@@ -10,13 +10,13 @@ use crate::error::{ExitInfo, PoolError};
 use crate::fake::{self, Event, Events, FakeSpawner};
 use crate::pool::{Acquired, Delivery, Mode, Pool, PoolConfig, Request};
 
-struct Harness {
-    pool: Pool,
-    events: mpsc::UnboundedReceiver<Event>,
-    spawner: FakeSpawner,
+pub(crate) struct Harness {
+    pub pool: Pool,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub spawner: FakeSpawner,
 }
 
-fn config(pool_size: usize) -> PoolConfig {
+pub(crate) fn config(pool_size: usize) -> PoolConfig {
     PoolConfig {
         pool_size,
         max_overflow: 0,
@@ -25,11 +25,11 @@ fn config(pool_size: usize) -> PoolConfig {
 }
 
 impl Harness {
-    async fn start(config: PoolConfig) -> Harness {
+    pub(crate) async fn start(config: PoolConfig) -> Harness {
         Self::start_with(config, FakeSpawner::default()).await
     }
 
-    async fn start_with(config: PoolConfig, spawner: FakeSpawner) -> Harness {
+    pub(crate) async fn start_with(config: PoolConfig, spawner: FakeSpawner) -> Harness {
         let eager = if config.lazy { 0 } else { config.pool_size };
         let mut h = Self::unstarted(config, spawner);
         for _ in 0..eager {
@@ -39,7 +39,7 @@ impl Harness {
     }
 
     /// A pool whose workers may still be starting.
-    fn unstarted(config: PoolConfig, spawner: FakeSpawner) -> Harness {
+    pub(crate) fn unstarted(config: PoolConfig, spawner: FakeSpawner) -> Harness {
         let (tx, events) = mpsc::unbounded_channel();
         let pool = Pool::start(config, Box::new(spawner.clone()), Box::new(Events(tx)));
         Harness {
@@ -49,14 +49,14 @@ impl Harness {
         }
     }
 
-    async fn next_event(&mut self) -> Event {
+    pub(crate) async fn next_event(&mut self) -> Event {
         tokio::time::timeout(Duration::from_secs(5), self.events.recv())
             .await
             .expect("an event within 5 s")
             .expect("event stream open")
     }
 
-    async fn started(&mut self) -> u64 {
+    pub(crate) async fn started(&mut self) -> u64 {
         loop {
             if let Event::Started(w) = self.next_event().await {
                 return w;
@@ -64,7 +64,7 @@ impl Harness {
         }
     }
 
-    async fn exited(&mut self) -> u64 {
+    pub(crate) async fn exited(&mut self) -> u64 {
         loop {
             if let Event::Exited(w) = self.next_event().await {
                 return w;
@@ -73,7 +73,7 @@ impl Harness {
     }
 
     /// Runs one request on any worker (`mode` anonymous) and returns its reply.
-    async fn execute(
+    pub(crate) async fn execute(
         &self,
         mode: Mode,
         command: &str,
@@ -93,7 +93,7 @@ impl Harness {
     }
 
     /// Runs `create_program` or `execute_program` for program `program` in `mode`'s session.
-    async fn program(
+    pub(crate) async fn program(
         &self,
         mode: &Mode,
         command: &str,
@@ -112,7 +112,7 @@ impl Harness {
         self.execute(mode.clone(), command, args, 1000).await
     }
 
-    fn checkout(
+    pub(crate) fn checkout(
         &self,
         pool_timeout_ms: u64,
     ) -> (
@@ -133,11 +133,11 @@ impl Harness {
     }
 }
 
-fn run<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn run<F: std::future::Future>(f: F) -> F::Output {
     crate::runtime::handle().block_on(f)
 }
 
-fn session(id: &str) -> Mode {
+pub(crate) fn session(id: &str) -> Mode {
     Mode::Session {
         id: id.into(),
         strict: false,
@@ -611,169 +611,6 @@ fn ending_a_strict_session_frees_it_on_its_worker() {
         assert!(
             journal.iter().any(|(_, c)| c == "cleanup_session"),
             "{journal:?}"
-        );
-    })
-}
-
-// ---- the five defects of issue 7 ------------------------------------------------------------
-
-/// Waits (polling the status, bounded) until `f` holds.
-async fn until(h: &Harness, what: &str, f: impl Fn(&crate::pool::PoolStatus) -> bool) {
-    for _ in 0..1000 {
-        if f(&h.pool.status()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{what}: never happened; status {:?}", h.pool.status());
-}
-
-#[test]
-fn every_failure_before_the_first_good_ping_is_a_start_failure() {
-    use crate::fake::Start;
-    for start in [Start::Banner, Start::PingFails, Start::WrongId] {
-        run(async {
-            let spawner = FakeSpawner::with_starts(&[start; 50]);
-            let h = Harness::start_with(
-                PoolConfig {
-                    lazy: true,
-                    ..config(1)
-                },
-                spawner,
-            )
-            .await;
-            let e = h.execute(Mode::Anonymous, "echo", json!(1), 1000).await;
-            assert!(
-                matches!(&e, Err(PoolError::CheckoutFailed(m)) if m.contains("no worker could be started")),
-                "{start:?}: {e:?}"
-            );
-            let s = h.pool.status();
-            assert_eq!(s.counters.start_failures, 1, "{start:?}: {s:?}");
-            assert!(s.last_start_error.is_some(), "{start:?}");
-            // Backoff: no respawn storm while callers keep coming.
-            for _ in 0..10 {
-                let _ = h.execute(Mode::Anonymous, "echo", json!(1), 1000).await;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let spawns = *h.spawner.spawns.lock().unwrap();
-            assert!(spawns <= 2, "{start:?}: spawned {spawns} times");
-        })
-    }
-}
-
-#[test]
-fn a_start_deadline_always_ends_the_attempt() {
-    use crate::fake::Start;
-    run(async {
-        let spawner = FakeSpawner::with_starts(&[Start::SlowSpawnThenHang(60); 50]);
-        let h = Harness::unstarted(
-            PoolConfig {
-                start_timeout: Duration::from_millis(30),
-                ..config(1)
-            },
-            spawner,
-        );
-        until(&h, "the hung start-up counted as a failure", |s| {
-            s.counters.start_failures >= 1
-                && s.last_start_error
-                    .as_ref()
-                    .is_some_and(|e| e.contains("start-up ping within 30 ms"))
-        })
-        .await;
-    })
-}
-
-#[test]
-fn one_start_death_does_not_fail_callers_while_others_still_start() {
-    use crate::fake::Start;
-    run(async {
-        let spawner = FakeSpawner::with_starts(&[Start::Exit, Start::SlowPing(100)]);
-        let h = Harness::unstarted(config(2), spawner);
-        let mut waits = Vec::new();
-        for i in 0..5 {
-            let (reply, rx) = fake::sink();
-            let req = Request {
-                command: "echo".into(),
-                args: serde_json::to_vec(&json!(i)).unwrap(),
-                timeout: Duration::from_secs(5),
-            };
-            let id = h.pool.new_lease_id();
-            h.pool
-                .acquire(
-                    id,
-                    Mode::Anonymous,
-                    Some(req),
-                    reply,
-                    Duration::from_secs(5),
-                    0,
-                )
-                .unwrap();
-            waits.push(rx);
-        }
-        for (i, rx) in waits.into_iter().enumerate() {
-            assert_eq!(fake::reply(rx.await.unwrap()).unwrap(), json!(i));
-        }
-    })
-}
-
-#[test]
-fn an_overflow_worker_is_not_retired_while_strict_sessions_live_on_it() {
-    run(async {
-        let mut h = Harness::start(PoolConfig {
-            max_overflow: 1,
-            overflow_idle: Duration::from_millis(20),
-            ..config(1)
-        })
-        .await;
-        let (held, _) = h.checkout(5000);
-        let Ok(Acquired::Now(held)) = held else {
-            panic!()
-        };
-        let s = Mode::Session {
-            id: "s".into(),
-            strict: true,
-        };
-        h.program(&s, "create_program", "p").await.unwrap();
-        assert_eq!(h.pool.status().overflow, 1);
-        h.pool.release(held);
-        // Well past overflow_idle: the overflow worker still holds the session.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(h.program(&s, "execute_program", "p").await.is_ok());
-        // Once the session ends the worker retires.
-        h.pool.end_session("s");
-        h.exited().await;
-        assert_eq!(h.pool.status().overflow, 0);
-    })
-}
-
-#[test]
-fn end_session_wins_over_an_in_flight_create() {
-    run(async {
-        let h = Harness::start(config(1)).await;
-        let (reply, rx) = fake::sink();
-        let req = Request {
-            command: "create_program".into(),
-            args: br#"{"session_id":"s","id":"p","ms":50}"#.to_vec(),
-            timeout: Duration::from_secs(5),
-        };
-        let id = h.pool.new_lease_id();
-        h.pool
-            .acquire(
-                id,
-                session("s"),
-                Some(req),
-                reply,
-                Duration::from_secs(5),
-                0,
-            )
-            .unwrap();
-        h.pool.end_session("s");
-        assert!(fake::reply(rx.await.unwrap()).is_ok());
-        assert_eq!(h.pool.status().sessions, 0, "the ended session came back");
-        let e = h.program(&session("s"), "execute_program", "p").await;
-        assert_eq!(
-            e.unwrap_err(),
-            PoolError::Python("Program not found: p".into())
         );
     })
 }
