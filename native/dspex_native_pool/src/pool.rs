@@ -351,6 +351,8 @@ impl Shared {
                     Action::Exited(wid, reason) => self.events.worker_exited(wid, reason),
                     Action::Stopped => {
                         self.events.stopped();
+                        // The timer task sees the pool finished and ends.
+                        self.wake.notify_one();
                         // Break the cycle only after this frame is done with `self`.
                         let keep = self
                             .keep_alive

@@ -614,3 +614,19 @@ fn ending_a_strict_session_frees_it_on_its_worker() {
         );
     })
 }
+
+#[test]
+fn an_idle_pool_arms_no_timer() {
+    run(async {
+        let h = Harness::start(config(2)).await;
+        assert_eq!(h.pool.next_deadline(), None);
+        h.execute(Mode::Anonymous, "echo", json!(1), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            h.pool.next_deadline(),
+            None,
+            "a served request disarms its timeout"
+        );
+    })
+}
