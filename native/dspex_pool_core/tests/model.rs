@@ -112,8 +112,8 @@ impl World {
     fn new(seed: u64) -> World {
         let mut rng = Rng::new(seed);
         let config = PoolConfig {
-            pool_size: 1 + rng.below(3) as usize,
-            max_overflow: rng.below(3) as usize,
+            pool_size: 1 + rng.below(2) as usize,
+            max_overflow: rng.below(3).max(rng.below(3)) as usize,
             lazy: rng.chance(30),
             max_frame_size: 1 << 20,
             start_timeout: Duration::from_millis(100 + rng.below(900)),
@@ -217,7 +217,7 @@ impl World {
                     0 => Mode::Anonymous,
                     _ => Mode::Session {
                         id: Arc::from(*self.rng.pick(&SESSIONS).unwrap()),
-                        strict: self.rng.chance(30),
+                        strict: self.rng.chance(45),
                     },
                 };
                 let once = self.rng.chance(70).then(|| self.request(&mode));
