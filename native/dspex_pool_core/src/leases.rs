@@ -59,16 +59,18 @@ impl<R> Core<R> {
         if let Mode::Session { id, strict } = &mode {
             self.session_record(id);
             let record = &self.sessions[id];
-            // A strict request goes where the session's strict requests ran.
-            let home = if *strict {
-                record.strict_home.or(record.home)
+            // A strict request goes where the session's strict requests ran, for good; until
+            // there is such a worker it prefers the session's home, as any request does.
+            let for_good = *strict && record.strict_home.is_some();
+            let home = if for_good {
+                record.strict_home
             } else {
                 record.home
             };
             let home_usable = home
                 .and_then(|h| self.workers.get(&h))
                 .is_some_and(|w| w.usable());
-            match (home, home_usable, *strict) {
+            match (home, home_usable, for_good) {
                 (Some(_), false, true) => {
                     let record = self.sessions.get_mut(id).expect("just made");
                     record.home = None;
@@ -78,11 +80,11 @@ impl<R> Core<R> {
                     fx.push(Effect::Discard(reply));
                     return Err(PoolError::SessionLost(id.to_string()));
                 }
-                (Some(h), true, strict) => {
+                (Some(h), true, for_good) => {
                     if self.workers[&h].status == Status::Idle {
                         target = Some(h);
                     } else {
-                        let until = (!strict).then(|| now + self.config.affinity_wait);
+                        let until = (!for_good).then(|| now + self.config.affinity_wait);
                         home_wait = Some((h, until));
                     }
                 }
@@ -121,6 +123,10 @@ impl<R> Core<R> {
             }
             None => {
                 self.queue.push_back(lease, home_wait.map(|(h, _)| h));
+                if let Mode::Session { id, strict: true } = &self.leases[&lease].mode {
+                    let id = id.clone();
+                    self.strict_waiting.entry(id).or_default().insert(lease);
+                }
                 self.timers.arm(deadline, Timer::Queue(lease));
                 if let Some(u) = affinity_until {
                     self.timers.arm(u, Timer::Affinity(lease));
@@ -162,6 +168,8 @@ impl<R> Core<R> {
         fx: &mut Effects<R>,
     ) {
         self.queue.remove(lease);
+        let mode = self.leases[&lease].mode.clone();
+        self.unlist_strict(lease, &mode);
         let entry = self.leases.get_mut(&lease).expect("lease exists");
         if let LeaseState::Queued {
             deadline,
@@ -185,8 +193,14 @@ impl<R> Core<R> {
         if let Mode::Session { id, strict } = &mode {
             if let Some(r) = self.sessions.get_mut(id) {
                 r.home = Some(wid);
-                if *strict {
-                    r.strict_home = Some(wid);
+                if *strict && r.strict_home != Some(wid) {
+                    // A strict session moves only after it was lost: its old home keeps nothing.
+                    if let Some(old) = r.strict_home.replace(wid) {
+                        if let Some(w) = self.workers.get_mut(&old) {
+                            w.strict.remove(id);
+                        }
+                    }
+                    self.follow_strict_home(id, wid);
                 }
             }
             if *strict {

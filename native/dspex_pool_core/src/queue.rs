@@ -128,10 +128,17 @@ impl WaitQueue {
 
     /// Moves `lease` to the any lane, keeping its place.
     pub fn unhome(&mut self, lease: LeaseId) {
-        if let Some((seq, Some(home))) = self.at.get(&lease).copied() {
-            self.remove_from_lane(seq, Some(home));
-            self.at.insert(lease, (seq, None));
-            self.any.insert(seq, lease);
+        self.move_to(lease, None);
+    }
+
+    /// Moves `lease` to `home`'s lane (or the any lane), keeping its place.
+    pub fn move_to(&mut self, lease: LeaseId, home: Option<WorkerId>) {
+        if let Some((seq, old)) = self.at.get(&lease).copied() {
+            if old != home {
+                self.remove_from_lane(seq, old);
+                self.at.insert(lease, (seq, home));
+                self.lane(home).insert(seq, lease);
+            }
         }
     }
 

@@ -157,8 +157,14 @@ impl<R> Core<R> {
             let Some(entry) = self.leases.get_mut(&lease) else {
                 continue;
             };
-            match entry.mode.clone() {
+            let lost = match &entry.mode {
                 Mode::Session { id, strict: true } => {
+                    self.sessions.get(id).and_then(|r| r.strict_home) == Some(wid)
+                }
+                _ => false,
+            };
+            match entry.mode.clone() {
+                Mode::Session { id, .. } if lost => {
                     if let Some(r) = self.sessions.get_mut(&id) {
                         r.home = None;
                         r.strict_home = None;
@@ -187,5 +193,28 @@ impl<R> Core<R> {
             }
         }
         self.dispatch_idle(now, fx);
+    }
+
+    /// A strict session has (a new) home: its queued strict requests wait for that worker.
+    pub(crate) fn follow_strict_home(&mut self, id: &Arc<str>, wid: WorkerId) {
+        let Some(waiting) = self.strict_waiting.get(id) else {
+            return;
+        };
+        let mut waiting: Vec<_> = waiting.iter().copied().collect();
+        waiting.sort_unstable();
+        for lease in waiting {
+            let Some(entry) = self.leases.get_mut(&lease) else {
+                continue;
+            };
+            if let LeaseState::Queued {
+                affinity_until: ref mut until @ Some(u),
+                ..
+            } = entry.state
+            {
+                *until = None;
+                self.timers.disarm(u, Timer::Affinity(lease));
+            }
+            self.queue.move_to(lease, Some(wid));
+        }
     }
 }

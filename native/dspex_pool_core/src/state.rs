@@ -160,6 +160,8 @@ pub struct Core<R> {
     pub(crate) queue: WaitQueue,
     pub(crate) timers: Timers,
     pub(crate) sessions: HashMap<Arc<str>, SessionRecord>,
+    /// Queued `:strict` leases by session, to follow the session to its strict home.
+    pub(crate) strict_waiting: HashMap<Arc<str>, HashSet<LeaseId>>,
     /// Replayed on every new worker: the global `configure_lm`.
     pub(crate) init: Vec<Chore>,
     /// Idle workers by when they became idle (the last is the most recently used).
@@ -190,6 +192,7 @@ impl<R> Core<R> {
             queue: WaitQueue::default(),
             timers: Timers::default(),
             sessions: HashMap::new(),
+            strict_waiting: HashMap::new(),
             init: Vec::new(),
             idle: BTreeSet::new(),
             idle_clock: 0,
@@ -366,6 +369,11 @@ impl<R> Core<R> {
         self.sessions.get(session).and_then(|r| r.home)
     }
 
+    /// The worker a session's `:strict` requests run on, if any.
+    pub fn strict_home_of(&self, session: &str) -> Option<WorkerId> {
+        self.sessions.get(session).and_then(|r| r.strict_home)
+    }
+
     /// Sessions (`:strict` ones) living on `worker`.
     pub fn strict_sessions(&self, worker: WorkerId) -> Vec<Arc<str>> {
         self.workers
@@ -461,6 +469,7 @@ impl<R> Core<R> {
             affinity_until,
         } = entry.state
         {
+            self.unlist_strict(lease, &entry.mode);
             self.queue.remove(lease);
             self.timers.disarm(deadline, Timer::Queue(lease));
             if let Some(u) = affinity_until {
@@ -468,6 +477,18 @@ impl<R> Core<R> {
             }
         }
         Some(entry)
+    }
+
+    /// Takes a lease that leaves the queue out of the strict-waiter index.
+    pub(crate) fn unlist_strict(&mut self, lease: LeaseId, mode: &Mode) {
+        if let Mode::Session { id, strict: true } = mode {
+            if let Some(set) = self.strict_waiting.get_mut(id) {
+                set.remove(&lease);
+                if set.is_empty() {
+                    self.strict_waiting.remove(id);
+                }
+            }
+        }
     }
 
     pub(crate) fn log(

@@ -14,7 +14,7 @@ use crate::effects::{Delivery, Effect, Level, Signal};
 use crate::error::{ExitInfo, PoolError};
 use crate::frame;
 use crate::leases::later;
-use crate::state::{Chore, Core, Effects, LeaseState, Pending, PendingKind, Status, Worker};
+use crate::state::{Chore, Core, Effects, LeaseState, Mode, Pending, PendingKind, Status, Worker};
 use crate::timers::Timer;
 use crate::{LeaseId, RequestId, WorkerId};
 
@@ -308,9 +308,13 @@ impl<R> Core<R> {
         let owed = self.take_all_pending(wid);
         for (rid, p) in owed.into_iter().rev() {
             let requeue = match &p.kind {
-                PendingKind::Caller { lease, .. } => {
-                    self.leases.get(lease).is_some_and(|l| !l.checkout)
-                }
+                // A strict session's state died with the worker: its request is not retried.
+                // Nor is anything once the pool is stopping.
+                PendingKind::Caller { lease, .. } => self.leases.get(lease).is_some_and(|l| {
+                    !self.closed
+                        && !l.checkout
+                        && !matches!(l.mode, Mode::Session { strict: true, .. })
+                }),
                 _ => false,
             };
             match p.kind {

@@ -181,7 +181,7 @@ impl World {
         // Each session's home, when the session lives there as `:strict` (remembered until the
         // session ends or is reported lost).
         for s in SESSIONS {
-            if let Some(h) = self.core.home_of(s) {
+            if let Some(h) = self.core.strict_home_of(s) {
                 if self.core.strict_sessions(h).iter().any(|x| &**x == s) {
                     self.strict_home.insert(s.to_string(), h);
                 }
@@ -412,8 +412,15 @@ impl World {
         };
         let mut fx = Vec::new();
         let outcome = self.core.step(event, self.now, &mut fx);
+        let strict_homes: Vec<_> = SESSIONS
+            .iter()
+            .filter_map(|s| self.core.strict_home_of(s).map(|h| format!("{s}@{h}")))
+            .collect();
         if let Some(l) = self.log.last_mut() {
-            l.push_str(&format!(" -> {outcome:?}"));
+            l.push_str(&format!(
+                " -> {outcome:?} [strict {}]",
+                strict_homes.join(" ")
+            ));
         }
         if let (Outcome::Acquired(Err(_)) | Outcome::Called(Err(_)), Some(t)) = (&outcome, token) {
             // The error is the answer (the handle is discarded).
