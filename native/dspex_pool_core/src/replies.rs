@@ -11,7 +11,9 @@ use std::time::Instant;
 use crate::effects::{Delivery, Effect, Level};
 use crate::error::PoolError;
 use crate::frame::Response;
+use crate::leases::later;
 use crate::state::{Core, Effects, PendingKind, Status};
+use crate::timers::Timer;
 use crate::{RequestId, WorkerId};
 
 /// How a frame relates to the worker's in-flight requests.
@@ -97,6 +99,14 @@ impl<R> Core<R> {
                 if done {
                     self.worker_free(wid, now, fx);
                 } else {
+                    // The start deadline covered the initial configuration sent with the
+                    // ping; from now on each of those requests has its own.
+                    let deadline = later(now, self.config.start_timeout);
+                    let w = self.workers.get_mut(&wid).expect("present");
+                    for (rid, p) in w.inflight.iter_mut() {
+                        p.deadline = Some(deadline);
+                        self.timers.arm(deadline, Timer::Request(wid, *rid));
+                    }
                     self.set_status(wid, Status::Chores);
                 }
             }
