@@ -170,6 +170,20 @@ fn end_session_wins_over_an_in_flight_create() {
     })
 }
 
+#[test]
+fn a_zero_pool_timeout_is_answered_by_the_timer_task_at_once() {
+    run(async {
+        let h = Harness::start(config(1)).await;
+        let (held, _) = h.checkout(5000);
+        assert!(matches!(held, Ok(Acquired::Now(_))));
+        let (waiter, rx) = h.checkout(0);
+        assert!(matches!(waiter, Ok(Acquired::Queued(_))));
+        let d = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        let d = fake::reply(d.expect("answered").expect("a delivery"));
+        assert_eq!(d.unwrap_err(), PoolError::PoolTimeout(0));
+    })
+}
+
 /// A reply sink for plain OS threads (as BEAM schedulers are): a std channel.
 struct StdSink(std::sync::mpsc::Sender<crate::pool::Delivery>);
 

@@ -75,6 +75,17 @@ impl<R> Core<R> {
         if idle != self.idle.len() {
             return Err("idle set out of step with the workers".into());
         }
+        let status = self.status();
+        let busy = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.status, Status::Leased(_) | Status::Chores))
+            .count();
+        if (status.ready, status.busy, status.queued, status.open_leases)
+            != (idle, busy, queued, self.leases.len())
+        {
+            return Err(format!("status() out of step with the state: {status:?}"));
+        }
         let live = self.workers.values().filter(|w| w.live());
         let (mut permanent, mut overflow) = (0, 0);
         for w in live {
