@@ -323,7 +323,7 @@ defmodule DSPexBench.Report do
     """
     ### Framing and JSON (cargo bench --bench framing#{if quick, do: " -- --quick", else: ""})
 
-    Median ns per operation (`native/dspex_native_pool/benches/framing.rs`); `ref:` rows are serde_json alone.
+    Median ns per operation (`native/dspex_pool_core/benches/framing.rs`); `ref:` rows are serde_json alone.
 
     #{table}
     """

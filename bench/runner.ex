@@ -145,7 +145,7 @@ defmodule DSPexBench.Runner do
 
   defp cargo_bench(cfg) do
     args =
-      ["bench", "--quiet", "-p", "dspex_native_pool", "--bench", "framing", "--"] ++
+      ["bench", "--quiet", "-p", "dspex_pool_core", "--bench", "framing", "--"] ++
         if(cfg.quick, do: ["--quick"], else: [])
 
     case System.cmd("cargo", args, stderr_to_stdout: true) do

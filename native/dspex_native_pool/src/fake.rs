@@ -1,7 +1,7 @@
 //! In-process fake workers speaking the real protocol over real pipes, so the pool's logic is
 //! tested in milliseconds without Python. Commands mirror `test/support/test_worker.py`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +27,35 @@ pub struct FakeSpawner {
     /// When set, `spawn` fails with this message.
     pub fail: Arc<Mutex<Option<String>>>,
     pub spawns: Arc<Mutex<u32>>,
+    /// How the next workers behave at start-up, one entry per spawn (then [`Start::Normal`]).
+    pub starts: Arc<Mutex<VecDeque<Start>>>,
+}
+
+/// A fake worker's behaviour before and at its start-up ping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Normal,
+    /// Prints a banner to stdout before anything else (garbage for the protocol).
+    Banner,
+    /// Answers its start-up ping with an error.
+    PingFails,
+    /// Answers its start-up ping with another id.
+    WrongId,
+    /// Exits before answering anything.
+    Exit,
+    /// `spawn` takes this many ms (a slow exec), then the worker never answers.
+    SlowSpawnThenHang(u64),
+    /// Answers its start-up ping after this many ms.
+    SlowPing(u64),
+}
+
+impl FakeSpawner {
+    /// A spawner whose next workers start as `starts` says.
+    pub fn with_starts(starts: &[Start]) -> FakeSpawner {
+        let s = FakeSpawner::default();
+        s.starts.lock().unwrap().extend(starts.iter().copied());
+        s
+    }
 }
 
 impl Spawner for FakeSpawner {
@@ -35,13 +64,22 @@ impl Spawner for FakeSpawner {
         if let Some(msg) = self.fail.lock().unwrap().clone() {
             return Err(io::Error::new(io::ErrorKind::NotFound, msg));
         }
+        let start = self
+            .starts
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Start::Normal);
+        if let Start::SlowSpawnThenHang(ms) = start {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let (stdin_tx, stdin_rx) = pipe::pipe()?;
         let (stdout_tx, stdout_rx) = pipe::pipe()?;
         let (exit_tx, exit_rx) = oneshot::channel::<ExitInfo>();
         let (sig_tx, sig_rx) = mpsc::unbounded_channel::<i32>();
         let journal = self.journal.clone();
         tokio::spawn(async move {
-            let exit = serve(worker_id, stdin_rx, stdout_tx, sig_rx, journal).await;
+            let exit = serve(worker_id, start, stdin_rx, stdout_tx, sig_rx, journal).await;
             let _ = exit_tx.send(exit);
         });
         Ok(Spawned {
@@ -59,6 +97,7 @@ impl Spawner for FakeSpawner {
 
 async fn serve(
     wid: u64,
+    start: Start,
     stdin: pipe::Receiver,
     mut stdout: pipe::Sender,
     mut signals: mpsc::UnboundedReceiver<i32>,
@@ -66,6 +105,14 @@ async fn serve(
 ) -> ExitInfo {
     let mut frames = FramedRead::new(stdin, protocol::codec(protocol::DEFAULT_MAX_FRAME));
     let mut sessions: HashMap<String, Vec<String>> = HashMap::new();
+    match start {
+        Start::Banner => {
+            let _ = stdout.write_all(b"Loading model weights...\n").await;
+        }
+        Start::Exit => return ExitInfo::Code(2),
+        _ => {}
+    }
+    let mut first = true;
     loop {
         let body = tokio::select! {
             sig = signals.recv() => return ExitInfo::Signal(sig.unwrap_or(9)),
@@ -80,7 +127,21 @@ async fn serve(
         let args = req["args"].clone();
         journal.lock().unwrap().push((wid, cmd.clone()));
         let sid = args["session_id"].as_str().unwrap_or("").to_owned();
+        let handshake = std::mem::take(&mut first);
         let reply: Option<Vec<u8>> = match cmd.as_str() {
+            "ping" if handshake && start != Start::Normal => match start {
+                Start::PingFails => err(id, "ImportError: no module named dspy"),
+                Start::WrongId => ok(id + 7, json!({})),
+                Start::SlowPing(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    ok(id, json!({"status": "ok", "worker_id": wid}))
+                }
+                _ => {
+                    // Hangs (a stuck import) until it is signalled.
+                    let sig = signals.recv().await;
+                    return ExitInfo::Signal(sig.unwrap_or(9));
+                }
+            },
             "ping" => ok(id, json!({"status": "ok", "worker_id": wid})),
             "echo" | "configure_lm" => ok(id, args),
             "cleanup" => {
@@ -104,6 +165,9 @@ async fn serve(
             "wrong_id" => ok(id + 1000, json!(1)),
             "fail" => err(id, args["message"].as_str().unwrap_or("failed")),
             "create_program" => {
+                if let Some(ms) = args["ms"].as_u64() {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 let pid = args["id"].as_str().unwrap_or("p").to_owned();
                 sessions.entry(sid).or_default().push(pid.clone());
                 ok(id, json!({"program_id": pid}))

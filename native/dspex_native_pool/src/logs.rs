@@ -11,8 +11,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustler::{Atom, Encoder, Env, LocalPid, OwnedEnv, Resource, ResourceArc, Term};
-
 /// Lines waiting for the owner, across the pool's workers; more are dropped and counted.
 pub const MAX_PENDING_LINES: usize = 2_000;
 /// Bytes waiting for the owner; more are dropped and counted.
@@ -96,57 +94,71 @@ impl Batcher {
     }
 }
 
-/// The ack handle that travels with a batch to the owner.
-pub struct LogAck(Arc<Batcher>);
+#[cfg(not(test))]
+pub use beam::for_owner;
 
-#[rustler::resource_impl]
-impl Resource for LogAck {}
+/// The BEAM side: the ack resource, the message, the `log_ack` NIF (left out of test builds,
+/// which run without a BEAM).
+#[cfg(not(test))]
+mod beam {
+    use std::sync::Arc;
 
-mod atoms {
-    rustler::atoms! { ok, debug, info, warning, error, dspex_native_pool_logs }
-}
+    use rustler::{Atom, Encoder, Env, LocalPid, OwnedEnv, Resource, ResourceArc, Term};
 
-/// A batcher whose batches go to `owner` as `{:dspex_native_pool_logs, ack, [{worker, level,
-/// line}]}`.
-pub fn for_owner(owner: LocalPid) -> Arc<Batcher> {
-    Batcher::new(move |batcher, lines| {
-        let send = move || {
-            let _ = OwnedEnv::new().send_and_clear(&owner, |env| encode(env, batcher, lines));
-        };
-        if crate::runtime::on_runtime_thread() {
-            send()
-        } else {
-            crate::runtime::spawn(async move { send() });
-        }
-    })
-}
+    use super::{Batcher, Line};
 
-fn encode(env: Env<'_>, batcher: Arc<Batcher>, lines: Vec<Line>) -> Term<'_> {
-    let lines: Vec<Term> = lines
-        .into_iter()
-        .map(|(worker, level, line)| {
-            let level = match level {
-                "debug" => atoms::debug(),
-                "warning" => atoms::warning(),
-                "error" => atoms::error(),
-                _ => atoms::info(),
+    /// The ack handle that travels with a batch to the owner.
+    pub struct LogAck(Arc<Batcher>);
+
+    #[rustler::resource_impl]
+    impl Resource for LogAck {}
+
+    mod atoms {
+        rustler::atoms! { ok, debug, info, warning, error, dspex_native_pool_logs }
+    }
+
+    /// A batcher whose batches go to `owner` as `{:dspex_native_pool_logs, ack, [{worker, level,
+    /// line}]}`.
+    pub fn for_owner(owner: LocalPid) -> Arc<Batcher> {
+        Batcher::new(move |batcher, lines| {
+            let send = move || {
+                let _ = OwnedEnv::new().send_and_clear(&owner, |env| encode(env, batcher, lines));
             };
-            (worker, level, line).encode(env)
+            if crate::runtime::on_runtime_thread() {
+                send()
+            } else {
+                crate::runtime::spawn(async move { send() });
+            }
         })
-        .collect();
-    (
-        atoms::dspex_native_pool_logs(),
-        ResourceArc::new(LogAck(batcher)),
-        lines,
-    )
-        .encode(env)
-}
+    }
 
-/// The owner has logged a batch; the next one may come.
-#[rustler::nif]
-fn log_ack(ack: ResourceArc<LogAck>) -> Atom {
-    ack.0.ack();
-    atoms::ok()
+    fn encode(env: Env<'_>, batcher: Arc<Batcher>, lines: Vec<Line>) -> Term<'_> {
+        let lines: Vec<Term> = lines
+            .into_iter()
+            .map(|(worker, level, line)| {
+                let level = match level {
+                    "debug" => atoms::debug(),
+                    "warning" => atoms::warning(),
+                    "error" => atoms::error(),
+                    _ => atoms::info(),
+                };
+                (worker, level, line).encode(env)
+            })
+            .collect();
+        (
+            atoms::dspex_native_pool_logs(),
+            ResourceArc::new(LogAck(batcher)),
+            lines,
+        )
+            .encode(env)
+    }
+
+    /// The owner has logged a batch; the next one may come.
+    #[rustler::nif]
+    fn log_ack(ack: ResourceArc<LogAck>) -> Atom {
+        ack.0.ack();
+        atoms::ok()
+    }
 }
 
 #[cfg(test)]

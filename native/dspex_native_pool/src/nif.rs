@@ -10,7 +10,7 @@ use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, Resou
 use std::sync::Arc;
 
 use crate::checkout::{CheckoutHandle, Shared, LIVE};
-use crate::error::PoolError;
+use crate::error::{PoolError, Reason};
 use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
 use crate::term::EncodeError;
 use crate::worker::PythonSpawner;
@@ -77,9 +77,12 @@ impl BeamReply {
                     Delivery::Assigned => atoms::ok().encode(env),
                     Delivery::Reply(Ok(json)) => match crate::term::json_to_term(env, json) {
                         Ok(term) => (atoms::ok(), term).encode(env),
-                        Err(e) => (atoms::error(), PoolError::Decode(e.to_string())).encode(env),
+                        Err(e) => {
+                            let e = PoolError::Decode(e.to_string());
+                            (atoms::error(), Reason(&e)).encode(env)
+                        }
                     },
-                    Delivery::Reply(Err(e)) => (atoms::error(), e).encode(env),
+                    Delivery::Reply(Err(e)) => (atoms::error(), Reason(e)).encode(env),
                 };
                 (r, payload)
             });
@@ -276,7 +279,7 @@ fn encode_args(args: Term, budget: usize) -> Args {
 }
 
 fn error<'a>(env: Env<'a>, e: PoolError) -> Term<'a> {
-    (atoms::error(), e).encode(env)
+    (atoms::error(), Reason(&e)).encode(env)
 }
 
 /// Claims a worker and sends it the request; the reply comes as `{reference, result}`.

@@ -10,13 +10,13 @@ use crate::error::{ExitInfo, PoolError};
 use crate::fake::{self, Event, Events, FakeSpawner};
 use crate::pool::{Acquired, Delivery, Mode, Pool, PoolConfig, Request};
 
-struct Harness {
-    pool: Pool,
-    events: mpsc::UnboundedReceiver<Event>,
-    spawner: FakeSpawner,
+pub(crate) struct Harness {
+    pub pool: Pool,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub spawner: FakeSpawner,
 }
 
-fn config(pool_size: usize) -> PoolConfig {
+pub(crate) fn config(pool_size: usize) -> PoolConfig {
     PoolConfig {
         pool_size,
         max_overflow: 0,
@@ -25,33 +25,38 @@ fn config(pool_size: usize) -> PoolConfig {
 }
 
 impl Harness {
-    async fn start(config: PoolConfig) -> Harness {
+    pub(crate) async fn start(config: PoolConfig) -> Harness {
         Self::start_with(config, FakeSpawner::default()).await
     }
 
-    async fn start_with(config: PoolConfig, spawner: FakeSpawner) -> Harness {
-        let (tx, events) = mpsc::unbounded_channel();
+    pub(crate) async fn start_with(config: PoolConfig, spawner: FakeSpawner) -> Harness {
         let eager = if config.lazy { 0 } else { config.pool_size };
-        let pool = Pool::start(config, Box::new(spawner.clone()), Box::new(Events(tx)));
-        let mut h = Harness {
-            pool,
-            events,
-            spawner,
-        };
+        let mut h = Self::unstarted(config, spawner);
         for _ in 0..eager {
             h.started().await;
         }
         h
     }
 
-    async fn next_event(&mut self) -> Event {
+    /// A pool whose workers may still be starting.
+    pub(crate) fn unstarted(config: PoolConfig, spawner: FakeSpawner) -> Harness {
+        let (tx, events) = mpsc::unbounded_channel();
+        let pool = Pool::start(config, Box::new(spawner.clone()), Box::new(Events(tx)));
+        Harness {
+            pool,
+            events,
+            spawner,
+        }
+    }
+
+    pub(crate) async fn next_event(&mut self) -> Event {
         tokio::time::timeout(Duration::from_secs(5), self.events.recv())
             .await
             .expect("an event within 5 s")
             .expect("event stream open")
     }
 
-    async fn started(&mut self) -> u64 {
+    pub(crate) async fn started(&mut self) -> u64 {
         loop {
             if let Event::Started(w) = self.next_event().await {
                 return w;
@@ -59,7 +64,7 @@ impl Harness {
         }
     }
 
-    async fn exited(&mut self) -> u64 {
+    pub(crate) async fn exited(&mut self) -> u64 {
         loop {
             if let Event::Exited(w) = self.next_event().await {
                 return w;
@@ -68,7 +73,7 @@ impl Harness {
     }
 
     /// Runs one request on any worker (`mode` anonymous) and returns its reply.
-    async fn execute(
+    pub(crate) async fn execute(
         &self,
         mode: Mode,
         command: &str,
@@ -88,7 +93,7 @@ impl Harness {
     }
 
     /// Runs `create_program` or `execute_program` for program `program` in `mode`'s session.
-    async fn program(
+    pub(crate) async fn program(
         &self,
         mode: &Mode,
         command: &str,
@@ -107,7 +112,7 @@ impl Harness {
         self.execute(mode.clone(), command, args, 1000).await
     }
 
-    fn checkout(
+    pub(crate) fn checkout(
         &self,
         pool_timeout_ms: u64,
     ) -> (
@@ -128,11 +133,11 @@ impl Harness {
     }
 }
 
-fn run<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn run<F: std::future::Future>(f: F) -> F::Output {
     crate::runtime::handle().block_on(f)
 }
 
-fn session(id: &str) -> Mode {
+pub(crate) fn session(id: &str) -> Mode {
     Mode::Session {
         id: id.into(),
         strict: false,
@@ -606,6 +611,22 @@ fn ending_a_strict_session_frees_it_on_its_worker() {
         assert!(
             journal.iter().any(|(_, c)| c == "cleanup_session"),
             "{journal:?}"
+        );
+    })
+}
+
+#[test]
+fn an_idle_pool_arms_no_timer() {
+    run(async {
+        let h = Harness::start(config(2)).await;
+        assert_eq!(h.pool.next_deadline(), None);
+        h.execute(Mode::Anonymous, "echo", json!(1), 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            h.pool.next_deadline(),
+            None,
+            "a served request disarms its timeout"
         );
     })
 }

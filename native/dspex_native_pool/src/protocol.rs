@@ -1,18 +1,11 @@
-//! The worker protocol: 4-byte big-endian length + UTF-8 JSON, both directions.
+//! The worker protocol on pipes: the codec that splits a worker's stdout into frames.
 //!
-//! Requests are `{"id": int, "command": str, "args": object}`; responses are
-//! `{"id": int, "success": true, "result": any}` or `{"id": int, "success": false, "error": str}`.
+//! Encoding requests and decoding responses are pure and live in the core crate
+//! ([`dspex_pool_core::frame`]); they are re-exported here.
 
-use bytes::Bytes;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::error::PoolError;
-
-/// Default bound on a frame in either direction.
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+pub use dspex_pool_core::frame::{decode_response, encode_request, Response, DEFAULT_MAX_FRAME};
 
 /// The codec that splits a worker's stdout into frames.
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
@@ -23,150 +16,11 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Encodes one request frame (header included) around already-encoded JSON `args`.
-///
-/// # Errors
-/// [`PoolError::InvalidArgs`] when the frame would exceed `max_frame`.
-pub fn encode_request(
-    id: u64,
-    command: &str,
-    args_json: &[u8],
-    max_frame: usize,
-) -> Result<Vec<u8>, PoolError> {
-    let mut out = Vec::with_capacity(args_json.len() + command.len() + 48);
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(b"{\"id\":");
-    out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
-    out.extend_from_slice(b",\"command\":");
-    crate::term::write_str(command, &mut out);
-    out.extend_from_slice(b",\"args\":");
-    out.extend_from_slice(args_json);
-    out.push(b'}');
-    let len = out.len() - 4;
-    if len > max_frame {
-        return Err(PoolError::InvalidArgs(format!(
-            "the request is {len} bytes, over the pool's max_frame_size of {max_frame} bytes"
-        )));
-    }
-    let len = u32::try_from(len)
-        .map_err(|_| PoolError::InvalidArgs(format!("the request is {len} bytes, over 4 GiB")))?;
-    out[..4].copy_from_slice(&len.to_be_bytes());
-    Ok(out)
-}
-
-/// A decoded response frame. A successful result stays JSON text (a zero-copy slice of the
-/// frame): it becomes a term only where it is delivered, straight from the text.
-#[derive(Debug)]
-pub struct Response {
-    pub id: u64,
-    pub outcome: Result<Bytes, PoolError>,
-}
-
-#[derive(Deserialize)]
-struct Wire<'a> {
-    id: Option<u64>,
-    success: Option<bool>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
-}
-
-/// `Some` whenever the key is present, `null` included (plain `Option` would read `null` as
-/// absent, and `"result": null` is a valid reply).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
-}
-
-/// Parses a response frame body.
-///
-/// # Errors
-/// [`PoolError::Decode`] for bytes that are not JSON, [`PoolError::Malformed`] for JSON that is
-/// not a response (no integer `id`, no boolean `success`, no `result`/`error`).
-pub fn decode_response(body: &Bytes) -> Result<Response, PoolError> {
-    let wire: Wire = match serde_json::from_slice(body) {
-        Ok(w) => w,
-        Err(e) => {
-            return Err(if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
-                PoolError::Malformed
-            } else {
-                let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-                PoolError::Decode(format!("invalid JSON from worker ({e}): {preview:?}"))
-            })
-        }
-    };
-    let id = wire.id.ok_or(PoolError::Malformed)?;
-    let outcome = match (wire.success, wire.result, wire.error) {
-        (Some(true), Some(raw), _) => {
-            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-            Ok(body.slice(start..start + raw.get().len()))
-        }
-        (Some(false), _, Some(err)) => Err(PoolError::Python(
-            serde_json::from_str::<String>(err.get()).unwrap_or_else(|_| err.get().to_owned()),
-        )),
-        _ => return Err(PoolError::Malformed),
-    };
-    Ok(Response { id, outcome })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::BytesMut;
-    use serde_json::Value;
-
-    fn decode(body: &[u8]) -> Result<Response, PoolError> {
-        decode_response(&Bytes::copy_from_slice(body))
-    }
     use tokio_util::codec::Decoder;
-
-    #[test]
-    fn request_frame_has_length_header_and_json_body() {
-        let frame = encode_request(7, "ping", br#"{"a":1}"#, DEFAULT_MAX_FRAME).unwrap();
-        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
-        assert_eq!(len, frame.len() - 4);
-        let v: Value = serde_json::from_slice(&frame[4..]).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"id": 7, "command": "ping", "args": {"a": 1}})
-        );
-    }
-
-    #[test]
-    fn request_over_max_frame_is_refused() {
-        let err = encode_request(1, "echo", &[b'1'; 100], 64).unwrap_err();
-        assert!(matches!(err, PoolError::InvalidArgs(m) if m.contains("max_frame_size")));
-    }
-
-    #[test]
-    fn responses_decode_to_outcomes() {
-        let ok = decode(br#"{"id":3,"success":true,"result":{"x":[1,2]},"t":1}"#).unwrap();
-        assert_eq!(ok.id, 3);
-        assert_eq!(&ok.outcome.unwrap()[..], br#"{"x":[1,2]}"#);
-        let null = decode(br#"{"id":3,"success":true,"result":null}"#).unwrap();
-        assert_eq!(&null.outcome.unwrap()[..], b"null");
-        let err = decode(br#"{"id":4,"success":false,"error":"boom \"q\""}"#).unwrap();
-        assert_eq!(
-            err.outcome.unwrap_err(),
-            PoolError::Python("boom \"q\"".into())
-        );
-    }
-
-    #[test]
-    fn bad_responses_are_decode_or_malformed_errors() {
-        assert!(matches!(decode(b"not json{"), Err(PoolError::Decode(_))));
-        assert_eq!(decode(b"[1]").unwrap_err(), PoolError::Malformed);
-        let string_id = br#"{"id":"1","success":true,"result":1}"#;
-        assert_eq!(decode(string_id).unwrap_err(), PoolError::Malformed);
-        assert_eq!(
-            decode(br#"{"id":1,"result":1}"#).unwrap_err(),
-            PoolError::Malformed
-        );
-        assert_eq!(
-            decode(br#"{"id":1,"success":true}"#).unwrap_err(),
-            PoolError::Malformed
-        );
-    }
 
     #[test]
     fn codec_rejects_frames_over_the_limit_at_the_header() {

@@ -1,8 +1,8 @@
 //! Framing and JSON costs of the worker protocol, without the BEAM and without Python.
 //!
-//!     cargo bench -p dspex_native_pool --bench framing            # ~20 s
-//!     cargo bench -p dspex_native_pool --bench framing -- --quick # ~3 s
-//!     cargo bench -p dspex_native_pool --bench framing -- --quick decode_response
+//!     cargo bench -p dspex_pool_core --bench framing            # ~20 s
+//!     cargo bench -p dspex_pool_core --bench framing -- --quick # ~3 s
+//!     cargo bench -p dspex_pool_core --bench framing -- --quick decode_response
 //!
 //! Arguments other than flags keep only the benchmarks whose name contains one of them (for
 //! profiling one, e.g. under `valgrind --tool=callgrind`).
@@ -25,10 +25,20 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use dspex_native_pool::protocol::{self, DEFAULT_MAX_FRAME};
+use dspex_pool_core::frame::{self as protocol, DEFAULT_MAX_FRAME};
 use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 use tokio_util::codec::Decoder;
+
+/// The executor's frame codec (`dspex_native_pool::protocol::codec`), rebuilt here: this bench
+/// lives in the core crate so that it links without the BEAM.
+fn codec(max_frame: usize) -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(max_frame)
+        .new_codec()
+}
 
 struct Bench {
     quick: bool,
@@ -183,7 +193,7 @@ fn main() {
         for _ in 0..k {
             src.extend_from_slice(&one);
         }
-        let mut codec = protocol::codec(DEFAULT_MAX_FRAME);
+        let mut codec = codec(DEFAULT_MAX_FRAME);
         let mut buf = BytesMut::with_capacity(src.len());
         let mut left = 0usize;
         b.run(

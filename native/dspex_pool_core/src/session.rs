@@ -11,14 +11,26 @@ use serde_json::{json, Map, Value};
 /// A session's recorded state. `generation` grows with every change.
 #[derive(Debug, Default)]
 pub struct SessionRecord {
+    /// Unique to this record among all the pool's records, ended ones included.
+    pub epoch: u64,
     pub generation: u64,
     programs: Vec<(String, Value)>,
     lm: Option<Value>,
     /// The worker whose copy is current and that the session prefers.
     pub home: Option<u64>,
+    /// The worker its `:strict` requests ran on: the one that holds its Python state.
+    pub strict_home: Option<u64>,
 }
 
 impl SessionRecord {
+    /// An empty record with the given epoch.
+    pub fn new(epoch: u64) -> SessionRecord {
+        SessionRecord {
+            epoch,
+            ..SessionRecord::default()
+        }
+    }
+
     /// Drops everything recorded; every worker's copy becomes stale.
     pub fn forget(&mut self) {
         self.programs.clear();

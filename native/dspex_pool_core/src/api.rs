@@ -1,0 +1,169 @@
+//! The pool's vocabulary for the outside: configuration, modes, requests, events, outcomes,
+//! status. Plain data; the rules are in the other modules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{ExitInfo, PoolError};
+use crate::frame::{Response, DEFAULT_MAX_FRAME};
+use crate::{LeaseId, Owner, WorkerId};
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub pool_size: usize,
+    pub max_overflow: usize,
+    pub lazy: bool,
+    pub max_frame_size: usize,
+    pub start_timeout: Duration,
+    pub overflow_idle: Duration,
+    pub affinity_wait: Duration,
+    pub shutdown_grace: Duration,
+    /// Requests one worker may run at once. Only 1 is driven today (a lease has a worker to
+    /// itself); protocol v2 lets a worker announce more.
+    pub worker_concurrency: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            pool_size: 2,
+            max_overflow: 2,
+            lazy: false,
+            max_frame_size: DEFAULT_MAX_FRAME,
+            start_timeout: Duration::from_secs(60),
+            overflow_idle: Duration::from_secs(10),
+            affinity_wait: Duration::from_millis(10),
+            shutdown_grace: Duration::from_secs(2),
+            worker_concurrency: 1,
+        }
+    }
+}
+
+/// Which worker a lease may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Anonymous,
+    /// `strict`: only the worker that holds the session's Python state; never re-created.
+    Session {
+        id: Arc<str>,
+        strict: bool,
+    },
+}
+
+/// One request, its arguments already encoded as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub command: String,
+    pub args: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// How an acquisition went.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Acquired {
+    /// A worker was free: a checkout holds it now; an execute's request is on its way.
+    Now(LeaseId),
+    /// Queued; the holder is told by a delivery.
+    Queued(LeaseId),
+}
+
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub requests: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub pool_timeouts: u64,
+    pub recycled: u64,
+    pub worker_starts: u64,
+    pub start_failures: u64,
+    pub restores: u64,
+}
+
+/// A snapshot for `get_pool_status/0`.
+#[derive(Debug, Clone)]
+pub struct PoolStatus {
+    pub pool_size: usize,
+    pub max_overflow: usize,
+    pub ready: usize,
+    pub busy: usize,
+    pub starting: usize,
+    pub overflow: usize,
+    pub queued: usize,
+    pub open_leases: usize,
+    pub sessions: usize,
+    pub last_start_error: Option<String>,
+    pub counters: Counters,
+    pub worker_pids: Vec<u32>,
+}
+
+/// Everything that can happen to a pool.
+#[derive(Debug)]
+pub enum Event<R> {
+    /// A caller claims a worker; with `once`, its request is sent as soon as it has one.
+    Acquire {
+        lease: LeaseId,
+        mode: Mode,
+        once: Option<Request>,
+        reply: R,
+        pool_timeout: Duration,
+        owner: Owner,
+    },
+    /// A request on a held checkout.
+    Call {
+        lease: LeaseId,
+        request: Request,
+        reply: R,
+    },
+    /// Checkin, a dropped checkout, or a holder that died.
+    Release {
+        lease: LeaseId,
+    },
+    /// Every lease of a process that died.
+    ReleaseOwner {
+        owner: Owner,
+    },
+    EndSession {
+        session: String,
+    },
+    Stop,
+    /// The executor started the worker's process.
+    Spawned {
+        worker: WorkerId,
+        pid: Option<u32>,
+    },
+    /// The worker's process could not be started.
+    SpawnFailed {
+        worker: WorkerId,
+        reason: String,
+    },
+    /// A frame from the worker, decoded (or not) by the executor.
+    Frame {
+        worker: WorkerId,
+        frame: Result<Response, PoolError>,
+    },
+    /// The worker's stdout is no longer a frame stream (already put as an error).
+    StreamError {
+        worker: WorkerId,
+        error: PoolError,
+    },
+    /// A write found the worker's stdin closed.
+    WriteFailed {
+        worker: WorkerId,
+    },
+    /// The worker's process has exited and been reaped; `stderr`: the last lines it wrote.
+    Exited {
+        worker: WorkerId,
+        exit: ExitInfo,
+        stderr: String,
+    },
+    /// Deadlines up to `now` have passed.
+    Tick,
+}
+
+/// What a step returns to its caller, besides effects.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Done,
+    Acquired(Result<Acquired, PoolError>),
+    Called(Result<(), PoolError>),
+}

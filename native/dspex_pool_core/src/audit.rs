@@ -1,0 +1,105 @@
+//! A consistency check of the whole state, for tests (the model test runs it after every
+//! step). O(state): never called by the executor.
+
+use std::collections::HashMap;
+
+use crate::state::{Core, LeaseState, Status};
+use crate::{LeaseId, WorkerId};
+
+impl<R> Core<R> {
+    /// Checks the state's internal consistency (for tests; O(state)). An `Err` names the
+    /// first broken rule.
+    pub fn audit(&self) -> Result<(), String> {
+        let mut holders: HashMap<WorkerId, LeaseId> = HashMap::new();
+        let mut queued = 0;
+        for (id, l) in &self.leases {
+            match l.state {
+                LeaseState::Queued { .. } => {
+                    queued += 1;
+                    if !self.queue.contains(*id) {
+                        return Err(format!("lease {id} is queued but not in the queue"));
+                    }
+                }
+                LeaseState::Holding { worker } => {
+                    if let Some(w) = self.workers.get(&worker) {
+                        if w.status == Status::Leased(*id) {
+                            if let Some(other) = holders.insert(worker, *id) {
+                                return Err(format!("worker {worker} leased to {other} and {id}"));
+                            }
+                        } else if w.usable() {
+                            return Err(format!(
+                                "lease {id} holds worker {worker} which is {:?}",
+                                w.status
+                            ));
+                        }
+                    }
+                }
+            }
+            if !self.owners.get(&l.owner).is_some_and(|s| s.contains(id)) {
+                return Err(format!("lease {id} missing from its owner's set"));
+            }
+        }
+        if queued != self.queue.len() {
+            return Err(format!(
+                "{queued} queued leases, queue holds {}",
+                self.queue.len()
+            ));
+        }
+        let owned: usize = self.owners.values().map(|s| s.len()).sum();
+        if owned != self.leases.len() || self.owners.values().any(|s| s.is_empty()) {
+            return Err("owner index out of step with the leases".into());
+        }
+        let mut idle = 0;
+        for (wid, w) in &self.workers {
+            if let Status::Leased(l) = w.status {
+                if holders.get(wid) != Some(&l) {
+                    return Err(format!("worker {wid} leased to {l} which does not hold it"));
+                }
+            }
+            if w.status == Status::Idle {
+                idle += 1;
+                if !w.inflight.is_empty() {
+                    return Err(format!("worker {wid} idle with a request in flight"));
+                }
+                if !self.idle.contains(&(w.idle_seq, *wid)) {
+                    return Err(format!("idle worker {wid} missing from the idle set"));
+                }
+                if self.queue.any_waiting() && !self.closed {
+                    return Err(format!("worker {wid} idle while a caller waits for any"));
+                }
+            }
+            if w.inflight.len() > w.capacity as usize + w.chores_in_flight() {
+                return Err(format!("worker {wid} over its capacity"));
+            }
+        }
+        if idle != self.idle.len() {
+            return Err("idle set out of step with the workers".into());
+        }
+        let status = self.status();
+        let busy = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.status, Status::Leased(_) | Status::Chores))
+            .count();
+        if (status.ready, status.busy, status.queued, status.open_leases)
+            != (idle, busy, queued, self.leases.len())
+        {
+            return Err(format!("status() out of step with the state: {status:?}"));
+        }
+        let live = self.workers.values().filter(|w| w.live());
+        let (mut permanent, mut overflow) = (0, 0);
+        for w in live {
+            if w.overflow {
+                overflow += 1
+            } else {
+                permanent += 1
+            }
+        }
+        if permanent > self.config.pool_size || overflow > self.config.max_overflow {
+            return Err(format!(
+                "{permanent} permanent and {overflow} overflow workers live"
+            ));
+        }
+        Ok(())
+    }
+}

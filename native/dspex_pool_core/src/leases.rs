@@ -1,0 +1,508 @@
+//! Claiming workers: acquire, call, release, and handing free workers to waiters.
+//!
+//! A lease is served at once by an idle worker (its session's home first, then the most
+//! recently used one, which keeps hot workers hot and lets overflow ones retire) or waits in
+//! the [`crate::queue::WaitQueue`]. A worker that becomes free runs its chores first, then
+//! serves a waiter, then idles. The pool grows (permanent workers first, overflow once every
+//! permanent one is up and busy) while waiters outnumber the workers that could serve them.
+
+use std::time::{Duration, Instant};
+
+use crate::effects::{Delivery, Effect};
+use crate::error::PoolError;
+use crate::frame;
+use crate::session;
+use crate::state::{
+    Acquired, Core, Effects, Lease, LeaseState, Mode, Pending, PendingKind, Request, Status,
+};
+use crate::timers::Timer;
+use crate::{LeaseId, Owner, WorkerId};
+
+/// `now + d`, saturating at a far future for absurd timeouts.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+impl<R> Core<R> {
+    /// Claims a worker for `mode`. With `once`, the request is sent as soon as a worker is
+    /// claimed and the lease ends with its reply (the execute fast path).
+    ///
+    /// # Errors
+    /// [`PoolError::CheckoutFailed`] when the pool is stopping or nothing can serve (no worker
+    /// up or starting while a start backoff is in force), [`PoolError::SessionLost`] for a
+    /// strict session whose worker is gone. The reply handle is then discarded: the error is
+    /// the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acquire(
+        &mut self,
+        lease: LeaseId,
+        mode: Mode,
+        once: Option<Request>,
+        reply: R,
+        pool_timeout: Duration,
+        owner: Owner,
+        now: Instant,
+        fx: &mut Effects<R>,
+    ) -> Result<Acquired, PoolError> {
+        if self.closed {
+            fx.push(Effect::Discard(reply));
+            return Err(PoolError::CheckoutFailed("the pool is stopping".into()));
+        }
+        if let Some(err) = self.cannot_serve(now) {
+            fx.push(Effect::Discard(reply));
+            return Err(err);
+        }
+        let mut target = None;
+        // The one worker this lease waits for, and until when (`None`: for good).
+        let mut home_wait: Option<(WorkerId, Option<Instant>)> = None;
+        if let Mode::Session { id, strict } = &mode {
+            self.session_record(id);
+            let record = &self.sessions[id];
+            // A strict request goes where the session's strict requests ran, for good; until
+            // there is such a worker it prefers the session's home, as any request does.
+            let for_good = *strict && record.strict_home.is_some();
+            let home = if for_good {
+                record.strict_home
+            } else {
+                record.home
+            };
+            let home_usable = home
+                .and_then(|h| self.workers.get(&h))
+                .is_some_and(|w| w.usable());
+            match (home, home_usable, for_good) {
+                (Some(_), false, true) => {
+                    let record = self.sessions.get_mut(id).expect("just made");
+                    record.home = None;
+                    record.strict_home = None;
+                    // Its Python state died with the worker: start afresh, everywhere.
+                    record.forget();
+                    fx.push(Effect::Discard(reply));
+                    return Err(PoolError::SessionLost(id.to_string()));
+                }
+                (Some(h), true, for_good) => {
+                    if self.workers[&h].status == Status::Idle {
+                        target = Some(h);
+                    } else {
+                        let until = (!for_good).then(|| now + self.config.affinity_wait);
+                        home_wait = Some((h, until));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if target.is_none() && home_wait.is_some_and(|(_, u)| u.is_some_and(|u| u <= now)) {
+            home_wait = None;
+        }
+        if target.is_none() && home_wait.is_none() {
+            target = self.pick_idle();
+        }
+        let deadline = later(now, pool_timeout);
+        let affinity_until = home_wait.and_then(|(_, u)| u);
+        self.leases.insert(
+            lease,
+            Lease {
+                mode,
+                checkout: once.is_none(),
+                owner,
+                state: LeaseState::Queued {
+                    deadline,
+                    affinity_until,
+                },
+                once,
+                pool_timeout,
+                reply: Some(reply),
+                request: None,
+            },
+        );
+        self.owners.entry(owner).or_default().insert(lease);
+        match target {
+            Some(wid) => {
+                self.assign(lease, wid, false, now, fx);
+                Ok(Acquired::Now(lease))
+            }
+            None => {
+                self.queue.push_back(lease, home_wait.map(|(h, _)| h));
+                if let Mode::Session { id, strict: true } = &self.leases[&lease].mode {
+                    let id = id.clone();
+                    self.strict_waiting.entry(id).or_default().insert(lease);
+                }
+                self.timers.arm(deadline, Timer::Queue(lease));
+                if let Some(u) = affinity_until {
+                    self.timers.arm(u, Timer::Affinity(lease));
+                }
+                self.grow(now, fx);
+                Ok(Acquired::Queued(lease))
+            }
+        }
+    }
+
+    /// When nothing can serve (no worker up or starting, and a start backoff in force), callers
+    /// learn why at once instead of at their timeout.
+    pub(crate) fn cannot_serve(&self, now: Instant) -> Option<PoolError> {
+        let backoff = self.backoff_until.is_some_and(|u| u > now);
+        if !backoff || self.workers.values().any(|w| w.usable() || w.starting()) {
+            return None;
+        }
+        let why = self
+            .last_start_error
+            .as_deref()
+            .unwrap_or("start-up failed");
+        Some(PoolError::CheckoutFailed(format!(
+            "no worker could be started: {why}"
+        )))
+    }
+
+    /// The most recently used idle worker.
+    pub(crate) fn pick_idle(&self) -> Option<WorkerId> {
+        self.idle.last().map(|(_, w)| *w)
+    }
+
+    /// Gives `wid` to `lease`: a checkout is told (if it waited), an execute's request is sent.
+    pub(crate) fn assign(
+        &mut self,
+        lease: LeaseId,
+        wid: WorkerId,
+        was_queued: bool,
+        now: Instant,
+        fx: &mut Effects<R>,
+    ) {
+        self.queue.remove(lease);
+        let mode = self.leases[&lease].mode.clone();
+        self.unlist_strict(lease, &mode);
+        let entry = self.leases.get_mut(&lease).expect("lease exists");
+        if let LeaseState::Queued {
+            deadline,
+            affinity_until,
+        } = entry.state
+        {
+            self.timers.disarm(deadline, Timer::Queue(lease));
+            if let Some(u) = affinity_until {
+                self.timers.disarm(u, Timer::Affinity(lease));
+            }
+        }
+        entry.state = LeaseState::Holding { worker: wid };
+        let mode = entry.mode.clone();
+        let once = entry.once.take();
+        let reply = entry
+            .reply
+            .take()
+            .expect("a lease being served has a reply handle");
+        self.set_status(wid, Status::Leased(lease));
+        self.set_alarm(wid, None);
+        if let Mode::Session { id, strict } = &mode {
+            if let Some(r) = self.sessions.get_mut(id) {
+                r.home = Some(wid);
+                if *strict && r.strict_home != Some(wid) {
+                    // A strict session moves only after it was lost: its old home keeps nothing.
+                    if let Some(old) = r.strict_home.replace(wid) {
+                        if let Some(w) = self.workers.get_mut(&old) {
+                            w.strict.remove(id);
+                        }
+                    }
+                    self.follow_strict_home(id, wid);
+                }
+            }
+            if *strict {
+                let w = self.workers.get_mut(&wid).expect("worker exists");
+                w.strict.insert(id.clone());
+            }
+        }
+        match once {
+            Some(req) => self.send(lease, wid, req, reply, now, fx),
+            None if was_queued => fx.push(Effect::Deliver {
+                to: reply,
+                delivery: Delivery::Assigned,
+            }),
+            // Served at once: the call's return value says so, no message is due.
+            None => fx.push(Effect::Discard(reply)),
+        }
+    }
+
+    /// Sends a request on a held checkout.
+    ///
+    /// # Errors
+    /// [`PoolError::CheckoutFailed`] when the lease holds no worker (checked in, recycled after
+    /// a timeout) or a request is still in flight on it.
+    pub fn call(
+        &mut self,
+        lease: LeaseId,
+        request: Request,
+        reply: R,
+        now: Instant,
+        fx: &mut Effects<R>,
+    ) -> Result<(), PoolError> {
+        let refuse = |fx: &mut Effects<R>, reply: R, why: &str| {
+            fx.push(Effect::Discard(reply));
+            Err(PoolError::CheckoutFailed(why.into()))
+        };
+        let Some(entry) = self.leases.get(&lease) else {
+            return refuse(
+                fx,
+                reply,
+                "this checkout holds no worker (checked in, or its worker was recycled)",
+            );
+        };
+        let LeaseState::Holding { worker: wid } = entry.state else {
+            return refuse(
+                fx,
+                reply,
+                "this checkout holds no worker (checked in, or its worker was recycled)",
+            );
+        };
+        if self.workers.get(&wid).map(|w| w.status) != Some(Status::Leased(lease)) {
+            return refuse(fx, reply, "this checkout's worker was recycled (a request timed out or failed); check in and check out again");
+        }
+        if entry.request.is_some() {
+            return refuse(fx, reply, "a request is already in flight on this checkout");
+        }
+        self.send(lease, wid, request, reply, now, fx);
+        Ok(())
+    }
+
+    /// Writes a caller's request, preceded by a `restore_session` when the worker's copy of
+    /// the session is behind the record.
+    pub(crate) fn send(
+        &mut self,
+        lease: LeaseId,
+        wid: WorkerId,
+        req: Request,
+        reply: R,
+        now: Instant,
+        fx: &mut Effects<R>,
+    ) {
+        let mode = self.leases[&lease].mode.clone();
+        let (session, restore) = match &mode {
+            Mode::Session { id, strict } => self.prepare_session(wid, id, *strict),
+            Mode::Anonymous => (None, None),
+        };
+        let rid = self.next_request_id();
+        let mut bytes = Vec::new();
+        match frame::encode_request(rid, &req.command, &req.args, self.config.max_frame_size) {
+            Ok(f) => {
+                if let Some((_, _, restore_frame)) = &restore {
+                    bytes.extend_from_slice(restore_frame);
+                }
+                bytes.extend(f);
+            }
+            Err(e) => {
+                fx.push(Effect::Deliver {
+                    to: reply,
+                    delivery: Delivery::Reply(Err(e)),
+                });
+                self.finish_lease_request(lease, wid, now, fx);
+                return;
+            }
+        }
+        let recorded = session.is_some() && session::is_recorded(&req.command)
+            || session::is_global_config(&req.command, &req.args);
+        let deadline = later(now, req.timeout);
+        let w = self.workers.get_mut(&wid).expect("a leased worker exists");
+        if let Some((restore_id, pending, _)) = restore {
+            w.inflight.insert(restore_id, pending);
+            self.counters.restores += 1;
+        }
+        w.inflight.insert(
+            rid,
+            Pending {
+                kind: PendingKind::Caller {
+                    lease,
+                    command: req.command,
+                    args: req.args,
+                    timeout: req.timeout,
+                    recorded,
+                    session,
+                },
+                deadline: Some(deadline),
+            },
+        );
+        self.timers.arm(deadline, Timer::Request(wid, rid));
+        let entry = self.leases.get_mut(&lease).expect("lease exists");
+        entry.reply = Some(reply);
+        entry.request = Some((wid, rid));
+        self.counters.requests += 1;
+        fx.push(Effect::Write { worker: wid, bytes });
+    }
+
+    /// After a request of `lease` on `wid` completed: an execute lease ends, a checkout keeps
+    /// its worker.
+    pub(crate) fn finish_lease_request(
+        &mut self,
+        lease: LeaseId,
+        wid: WorkerId,
+        now: Instant,
+        fx: &mut Effects<R>,
+    ) {
+        let Some(entry) = self.leases.get_mut(&lease) else {
+            return;
+        };
+        entry.request = None;
+        if !entry.checkout {
+            self.remove_lease(lease);
+            self.worker_free(wid, now, fx);
+        }
+    }
+
+    /// Ends a lease: checkin, a dropped checkout, or a holder that died. Idempotent.
+    pub fn release(&mut self, lease: LeaseId, now: Instant, fx: &mut Effects<R>) {
+        let Some(mut entry) = self.remove_lease(lease) else {
+            return;
+        };
+        if let Some(reply) = entry.reply.take() {
+            fx.push(Effect::Discard(reply));
+        }
+        if let LeaseState::Holding { worker } = entry.state {
+            if self.workers.get(&worker).map(|w| w.status) != Some(Status::Leased(lease)) {
+                return;
+            }
+            if entry.request.is_some() {
+                // Its holder is gone mid-request: the worker's state is unknown.
+                self.kill_worker(
+                    worker,
+                    "its holder left with a request in flight",
+                    |_| PoolError::CheckoutFailed("its holder left".into()),
+                    now,
+                    fx,
+                );
+            } else {
+                self.worker_free(worker, now, fx);
+            }
+        }
+    }
+
+    /// Ends every lease of `owner` (its process died): O(its leases).
+    pub fn release_owner(&mut self, owner: Owner, now: Instant, fx: &mut Effects<R>) {
+        let Some(leases) = self.owners.get(&owner) else {
+            return;
+        };
+        let mut leases: Vec<LeaseId> = leases.iter().copied().collect();
+        leases.sort_unstable();
+        for lease in leases {
+            self.release(lease, now, fx);
+        }
+    }
+
+    /// Hands a worker that just became free to its chores, a waiter, or the idle set.
+    pub(crate) fn worker_free(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        let Some(w) = self.workers.get(&wid) else {
+            return;
+        };
+        if !matches!(
+            w.status,
+            Status::Idle | Status::Leased(_) | Status::Chores | Status::Starting
+        ) {
+            return;
+        }
+        if self.closed {
+            self.set_status(wid, Status::Idle);
+            self.shutdown_worker(wid, now, fx);
+            return;
+        }
+        if !w.chores.is_empty() {
+            self.run_chores(wid, now, fx);
+            return;
+        }
+        self.set_status(wid, Status::Idle);
+        if let Some(lease) = self.queue.pop_for(wid) {
+            self.assign(lease, wid, true, now, fx);
+            return;
+        }
+        let w = &self.workers[&wid];
+        let retire = w.overflow && w.strict.is_empty();
+        self.set_alarm(wid, retire.then(|| later(now, self.config.overflow_idle)));
+    }
+
+    fn run_chores(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        let chores: Vec<_> = self
+            .workers
+            .get_mut(&wid)
+            .map(|w| w.chores.drain(..).collect())
+            .unwrap_or_default();
+        let deadline = later(now, self.config.start_timeout);
+        let mut bytes = Vec::new();
+        for chore in chores {
+            let rid = self.next_request_id();
+            bytes.extend(
+                frame::encode_request(rid, chore.command, &chore.args, usize::MAX)
+                    .expect("no limit"),
+            );
+            let w = self.workers.get_mut(&wid).expect("worker exists");
+            w.inflight.insert(
+                rid,
+                Pending {
+                    kind: PendingKind::Chore,
+                    deadline: Some(deadline),
+                },
+            );
+            self.timers.arm(deadline, Timer::Request(wid, rid));
+        }
+        self.set_status(wid, Status::Chores);
+        self.set_alarm(wid, None);
+        fx.push(Effect::Write { worker: wid, bytes });
+    }
+
+    /// Hands idle workers to waiters (after waiters moved lanes or a worker was lost).
+    pub(crate) fn dispatch_idle(&mut self, now: Instant, fx: &mut Effects<R>) {
+        let idle: Vec<WorkerId> = self.idle.iter().rev().map(|(_, w)| *w).collect();
+        for wid in idle {
+            if self.queue.is_empty() {
+                return;
+            }
+            if let Some(lease) = self.queue.pop_for(wid) {
+                self.assign(lease, wid, true, now, fx);
+            }
+        }
+    }
+
+    /// Starts workers while waiters outnumber the workers that could serve them.
+    pub(crate) fn grow(&mut self, now: Instant, fx: &mut Effects<R>) {
+        if self.closed {
+            return;
+        }
+        let (mut permanent, mut overflow, mut starting) = (0, 0, 0);
+        for w in self.workers.values().filter(|w| w.live()) {
+            if w.overflow {
+                overflow += 1;
+            } else {
+                permanent += 1;
+            }
+            if matches!(w.status, Status::Backoff) || w.starting() {
+                starting += 1;
+            }
+        }
+        let mut wanted = self.queue.len().saturating_sub(starting + self.idle.len());
+        while wanted > 0 && permanent < self.config.pool_size {
+            self.add_worker(false, now, fx);
+            permanent += 1;
+            wanted -= 1;
+        }
+        // Overflow only once every permanent worker is up and busy.
+        while wanted > 0
+            && permanent >= self.config.pool_size
+            && starting == 0
+            && overflow < self.config.max_overflow
+        {
+            self.add_worker(true, now, fx);
+            overflow += 1;
+            wanted -= 1;
+        }
+    }
+
+    /// Fails a caller's request; an execute lease ends with it.
+    pub(crate) fn fail_request(&mut self, lease: LeaseId, err: PoolError, fx: &mut Effects<R>) {
+        self.counters.errors += 1;
+        let Some(entry) = self.leases.get_mut(&lease) else {
+            return;
+        };
+        entry.request = None;
+        if let Some(reply) = entry.reply.take() {
+            fx.push(Effect::Deliver {
+                to: reply,
+                delivery: Delivery::Reply(Err(err)),
+            });
+        }
+        if !entry.checkout {
+            self.remove_lease(lease);
+        }
+    }
+}
