@@ -27,4 +27,5 @@ defmodule DSPex.NativePool.Native do
   def live_leases, do: :erlang.nif_error(:nif_not_loaded)
   def json_encode(_term), do: :erlang.nif_error(:nif_not_loaded)
   def json_decode(_json), do: :erlang.nif_error(:nif_not_loaded)
+  def json_decode_small(_json), do: :erlang.nif_error(:nif_not_loaded)
 end
