@@ -644,7 +644,7 @@ defmodule DSPexBench.Report do
 
   @doc "The codec calibration line."
   def codec(c) do
-    "Baselines' JSON codec (#{Codec.describe()}): a ping reply decodes in #{Fmt.num(c.decode)} µs " <>
+    "The baselines' codec (#{Codec.describe()}): a ping reply decodes in #{Fmt.num(c.decode)} µs " <>
       "(jiffy alone #{Fmt.num(c.decode_jiffy)} µs, the pure-Elixir codec #{Fmt.num(c.decode_pure)} µs), " <>
       "a ping request encodes in #{Fmt.num(c.encode)} µs (jiffy #{Fmt.num(c.encode_jiffy)} µs); " <>
       "wall time in this run, median of 5 x 20,000. Jason, which DSPex used, takes ~0.55 µs and ~0.7 µs on a quiet machine of this kind."
@@ -679,7 +679,7 @@ defmodule DSPexBench.Report do
 
     Paths: **NativePool** (this library); **bare Port** (a Port owned by the caller: the floor on the BEAM); **V2** (SessionPoolV2 + PoolWorkerV2 on a NimblePool-equivalent pool process that hands the Port to the caller, with the connect-back fix of CONTRACT §6.5); **V1** (SessionPool V1: every call is a `GenServer.call` to one manager that checks out and waits for the reply itself); **poolboy** (Debian's erlang-poolboy, GenServer workers each owning a Port); **raw Python** (`bench/raw_floor.py`: a Python parent doing framed JSON round trips to the same worker script over pipes, no BEAM). Baselines (bare Port included) encode and decode JSON in the calling process, on a normal scheduler, as DSPex did with Jason, with a codec at least as fast (`bench/codec.ex`). #{codec(calibration)}
 
-    Method: no instrumentation runs during a timed pass (long schedules are measured in a pass of their own, see "Scheduler responsiveness"); the paths of a scenario run interleaved, the order rotating from round to round; scenario 1 runs in #{length(cfg.placements)} placements (#{Enum.map_join(cfg.placements, ", ", &Placement.label/1)}).
+    Method: no instrumentation runs during a timed pass (long schedules are measured in a pass of their own, see "Scheduler responsiveness"); the paths of a scenario run interleaved, the order rotating from round to round; scenario 1 runs in #{length(cfg.placements)} placements (#{Enum.map_join(cfg.placements, "; ", &"#{&1}: #{Placement.label(&1)}")}).
 
     #{targets(results, monitor)}
     ## Scenarios
