@@ -331,15 +331,15 @@ defmodule DSPexBench.Report do
     hogs =
       case r[:hogs] do
         %{n: n, alive_at_end: alive} ->
-          " #{n} hog processes spun throughout#{if alive, do: "", else: " (**one ended before the pass did**)"}."
+          "\n#{n} hog processes (one per CPU) spun throughout#{if alive, do: "", else: " (**one ended before the pass did**)"}.\n"
 
         _ ->
           ""
       end
 
     """
-    #### #{Placement.label(p)} (#{r.iters} calls per path; #{r.schedulers} schedulers online, #{r.cpus} CPUs available to the VM)#{hogs}
-
+    #### #{Placement.label(p)} (#{r.iters} calls per path; #{r.schedulers} schedulers online, #{r.cpus} CPUs available to the VM)
+    #{hogs}
     #{Fmt.table(["path", "median µs", "p10 µs", "p99 µs", "mean µs", "median vs bare Port", "per-round ratio (median)", "p99 vs bare Port"], rows ++ raw)}
     """
   end

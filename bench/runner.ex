@@ -100,6 +100,7 @@ defmodule DSPexBench.Runner do
           cpu = Env.cpu_foreign(c0, Env.cpu_snapshot(), System.monotonic_time(:millisecond) - w0)
           r = if is_map(r), do: Map.put(r, :cpu, cpu), else: %{data: r, cpu: cpu}
           IO.puts(Report.section_with_cpu(n, r, cfg))
+          IO.puts("  (scenario #{n}: #{div(System.monotonic_time(:millisecond) - w0, 1000)} s)\n")
           {n, r}
         end
       after
@@ -156,8 +157,9 @@ defmodule DSPexBench.Runner do
 
         try do
           Enum.each(ns, fn n ->
-            IO.puts("  scenario #{n}")
+            w0 = System.monotonic_time(:millisecond)
             run_scenario(n, scfg)
+            IO.puts("  scenario #{n}: #{div(System.monotonic_time(:millisecond) - w0, 1000)} s")
           end)
         after
           Impls.stop_all()
