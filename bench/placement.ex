@@ -70,7 +70,9 @@ defmodule DSPexBench.Placement do
   @doc "In the child VM: runs the pass and writes its result where the parent reads it."
   def child(spec, out, cfg) do
     [n, placement] = String.split(spec, ":")
-    pass = DSPexBench.Scenarios.placement_pass(String.to_integer(n))
+    # Through a variable: bench/scenarios.ex is compiled after this file.
+    scenarios = DSPexBench.Scenarios
+    pass = scenarios.placement_pass(String.to_integer(n))
     result = pass.(cfg, String.to_existing_atom(placement))
     File.write!(out, :erlang.term_to_binary(result))
   end

@@ -76,8 +76,6 @@ defmodule DSPexBench.Report do
     """
   end
 
-  defp s1_placements(r), do: Enum.filter(Placement.all(), &Map.has_key?(r, &1))
-
   def section(2, %{data: sizes}, cfg) do
     per_size =
       Enum.map_join(sizes, "\n", fn %{size: size, cells: cells, raw: raw} = block ->
@@ -137,24 +135,6 @@ defmodule DSPexBench.Report do
     #{s2_matrix(sizes, cfg)}
     #{per_size}
     """
-  end
-
-  defp s2_matrix(sizes, cfg) do
-    rows =
-      Enum.map(sizes, fn %{size: size, cells: cells} ->
-        [
-          size
-          | Enum.map(cfg.concurrency, fn c ->
-              nat = cells[{:native, c}]
-              {b, best} = best_baseline(cells, c)
-              bp99 = cells[{b, c}].lat.p99
-
-              "#{Fmt.ratio(Stats.ratio(nat.throughput, best))} (p99 #{Fmt.num(nat.lat.p99)} / #{Fmt.num(bp99)})"
-            end)
-        ]
-      end)
-
-    Fmt.table(["pool_size \\ clients" | Enum.map(cfg.concurrency, &to_string/1)], rows)
   end
 
   def section(3, r, _cfg) do
@@ -290,6 +270,26 @@ defmodule DSPexBench.Report do
     """
   end
 
+  defp s1_placements(r), do: Enum.filter(Placement.all(), &Map.has_key?(r, &1))
+
+  defp s2_matrix(sizes, cfg) do
+    rows =
+      Enum.map(sizes, fn %{size: size, cells: cells} ->
+        [
+          size
+          | Enum.map(cfg.concurrency, fn c ->
+              nat = cells[{:native, c}]
+              {b, best} = best_baseline(cells, c)
+              bp99 = cells[{b, c}].lat.p99
+
+              "#{Fmt.ratio(Stats.ratio(nat.throughput, best))} (p99 #{Fmt.num(nat.lat.p99)} / #{Fmt.num(bp99)})"
+            end)
+        ]
+      end)
+
+    Fmt.table(["pool_size \\ clients" | Enum.map(cfg.concurrency, &to_string/1)], rows)
+  end
+
   defp s1_table(p, %{skipped: why}), do: "#### #{Placement.label(p)}\n\nSkipped: #{why}\n"
   defp s1_table(p, %{failed: why}), do: "#### #{Placement.label(p)}\n\n**Failed:** #{why}\n"
 
@@ -343,8 +343,6 @@ defmodule DSPexBench.Report do
     #{Fmt.table(["path", "median µs", "p10 µs", "p99 µs", "mean µs", "median vs bare Port", "per-round ratio (median)", "p99 vs bare Port"], rows ++ raw)}
     """
   end
-
-  defp pct10(s), do: s.p10
 
   def cargo(nil), do: ""
   def cargo(%{failed: why}), do: "### Framing (cargo bench)\n\n**Failed:** #{why}\n"
