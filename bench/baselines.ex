@@ -1,21 +1,19 @@
 defmodule DSPexBench.Proto do
   @moduledoc false
   # The worker protocol for the baselines. Ports opened with `{:packet, 4}` add and strip the
-  # length header; JSON is encoded and decoded in the calling process by DSPexBench.JSON, as
-  # DSPex's Protocol did with Jason.
+  # length header; JSON is encoded and decoded in the calling process by DSPexBench.Codec (as
+  # fast as Jason, which DSPex's Protocol used), as DSPex's Protocol did.
 
-  alias DSPexBench.JSON
+  alias DSPexBench.Codec
 
   # DSPex's Protocol.encode_request/3 returned a binary (Jason.encode!).
   def encode_request(id, command, args) do
-    IO.iodata_to_binary(
-      JSON.encode(%{"id" => id, "command" => to_string(command), "args" => args})
-    )
+    Codec.encode(%{"id" => id, "command" => to_string(command), "args" => args})
   end
 
   # V2's Protocol.decode_response/1 shape.
   def decode_response(data) do
-    case JSON.decode(data) do
+    case Codec.decode(data) do
       {:ok, %{"id" => id} = response} -> {:ok, id, response}
       {:ok, _} -> {:error, :malformed_response}
       {:error, reason} -> {:error, reason}
@@ -446,28 +444,7 @@ defmodule DSPexBench.Poolboy do
   alias DSPexBench.PoolboyWorker
 
   @doc "Puts poolboy's ebin on the code path, installing erlang-poolboy if it is missing."
-  def ensure_loaded do
-    if Code.ensure_loaded?(:poolboy) do
-      :ok
-    else
-      ebin =
-        case Path.wildcard("/usr/lib/erlang/lib/poolboy-*/ebin") do
-          [] ->
-            Mix.shell().info("erlang-poolboy is missing: apt-get install -y erlang-poolboy")
-            System.cmd("apt-get", ["install", "-y", "erlang-poolboy"], stderr_to_stdout: true)
-            Path.wildcard("/usr/lib/erlang/lib/poolboy-*/ebin")
-
-          found ->
-            found
-        end
-
-      Enum.each(ebin, &Code.prepend_path/1)
-
-      if Code.ensure_loaded?(:poolboy),
-        do: :ok,
-        else: {:error, "poolboy is not installed (apt-get install -y erlang-poolboy)"}
-    end
-  end
+  def ensure_loaded, do: DSPexBench.Debian.ensure(:poolboy, "erlang-poolboy")
 
   def start_link(opts) do
     :poolboy.start_link(

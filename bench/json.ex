@@ -1,9 +1,9 @@
 defmodule DSPexBench.JSON do
   @moduledoc false
-  # A small pure-Elixir JSON codec for the baselines, of the kind Jason is (DSPex used Jason):
-  # it runs in the calling process, like DSPex's Protocol did. The baselines must not use the
-  # pool's own NIFs for JSON: how those are scheduled (normal or dirty) is the pool's business
-  # and would change the baselines' figures with it.
+  # A small pure-Elixir JSON codec: the baselines' encoder for small requests (faster than
+  # Jason and jiffy there), their decoder when jiffy is missing (for payloads over 16 KiB), the
+  # reader of raw_floor.py's output, and the slow reference in DSPexBench.Codec.calibrate/0
+  # (it decodes a ping reply ~5x slower than Jason: see bench/codec.ex).
   #
   # Encodes maps (atom or string keys), lists, strings, numbers, booleans, nil and atoms;
   # decodes any JSON into maps with string keys, lists, strings, integers, floats, booleans and

@@ -12,34 +12,51 @@ defmodule DSPexBench.Scenarios do
 
   # ---- 1. sequential ping latency -----------------------------------------------------
 
-  # Run twice: with the OS placing threads and processes on the CPUs as it likes, and with the
-  # whole VM and every Python it starts pinned to one CPU. On a VM a wake-up across CPUs can
-  # cost tens of µs and flips with placement; on one CPU the figures are the CPU cost alone.
+  @s1_paths [:port, :native, :v2, :poolboy]
+  def s1_paths, do: @s1_paths
+
+  # One pass per placement (cfg.placements), see DSPexBench.Placement: the OS placing threads
+  # and processes as it likes (:normal); the whole VM pinned to one CPU before it starts, one
+  # scheduler (:pinned, in a child VM); every CPU kept busy by hog processes (:busy). On a VM
+  # a wake-up across CPUs costs tens of µs and flips with placement; a busy server is the
+  # case that matters.
   def s1_sequential(cfg) do
-    %{
-      os: s1_run(cfg, :os),
-      one_cpu: with_affinity("0", fn -> s1_run(cfg, :one_cpu) end)
-    }
+    Map.new(cfg.placements, fn placement ->
+      log("  placement #{placement}")
+      {placement, DSPexBench.Placement.run(placement, cfg, 1, &s1_run(&1, placement))}
+    end)
   end
 
-  defp s1_run(cfg, placement) do
-    raw = raw_floor(cfg, workers: [], seq_iters: cfg.s1_iters)
+  @doc "The pass a child VM runs for a placement (see DSPexBench.Placement)."
+  def placement_pass(1), do: &s1_run/2
+
+  @doc false
+  def s1_run(cfg, placement) do
+    raw =
+      if cfg.monitored,
+        do: %{},
+        else: raw_floor(cfg, workers: [], seq_iters: cfg.s1_iters)
+
     port = BarePort.open(cfg.python, cfg.script)
-    handles = Map.new(@pools, &{&1, Impls.start(&1, 1, cfg.python, cfg.script)})
+    pools = @s1_paths -- [:port]
+    handles = Map.new(pools, &{&1, Impls.start(&1, 1, cfg.python, cfg.script)})
 
     try do
       callers =
         [{:port, fn -> BarePort.call(port, "ping", %{}) end}] ++
-          Enum.map(@pools, fn k -> {k, fn -> Impls.call(handles[k], "ping", %{}) end} end)
+          Enum.map(pools, fn k -> {k, fn -> Impls.call(handles[k], "ping", %{}) end} end)
 
-      # Warm every path, then interleave rounds so drift hits all of them alike.
+      # Warm every path, then interleave rounds (the order rotating from round to round) so
+      # drift and neighbours hit all of them alike.
       Enum.each(callers, fn {_, f} -> Enum.each(1..cfg.s1_warmup, fn _ -> f.() end) end)
       rounds = cfg.s1_rounds
       per_round = div(cfg.s1_iters, rounds)
 
       by_round =
-        for _ <- 1..rounds do
-          Map.new(callers, fn {k, f} ->
+        for round <- 1..rounds do
+          callers
+          |> rotate(round)
+          |> Map.new(fn {k, f} ->
             Monitor.phase({:s1, k, placement})
             {k, time_each(f, per_round)}
           end)
@@ -64,8 +81,9 @@ defmodule DSPexBench.Scenarios do
         stats: stats,
         round_ratios: round_ratios,
         raw: raw[:sequential],
-        raw_one_cpu: raw[:sequential_one_cpu],
-        iters: per_round * rounds
+        iters: per_round * rounds,
+        schedulers: System.schedulers_online(),
+        cpus: :erlang.system_info(:logical_processors_available)
       }
     after
       BarePort.close(port)
@@ -73,31 +91,10 @@ defmodule DSPexBench.Scenarios do
     end
   end
 
-  # Pins every thread of this VM, and its port-spawning helper (erl_child_setup), to `cpus`;
-  # processes started meanwhile inherit it. Restores all CPUs afterwards.
-  defp with_affinity(cpus, fun) do
-    all = "0-#{:erlang.system_info(:logical_processors) - 1}"
-    pids = [System.pid() | child_setup_pids()]
-    set = fn c -> Enum.each(pids, &System.cmd("taskset", ["-a", "-p", "-c", c, &1])) end
-
-    if System.find_executable("taskset") do
-      set.(cpus)
-
-      try do
-        fun.()
-      after
-        set.(all)
-      end
-    else
-      %{skipped: "taskset not found"}
-    end
-  end
-
-  defp child_setup_pids do
-    case System.cmd("pgrep", ["-P", System.pid(), "erl_child_setup"]) do
-      {out, 0} -> String.split(out)
-      _ -> []
-    end
+  @doc "`list` rotated left by `n` places: interleaved passes change who goes first."
+  def rotate(list, n) do
+    k = rem(n, max(length(list), 1))
+    Enum.drop(list, k) ++ Enum.take(list, k)
   end
 
   defp time_each(f, n) do
@@ -120,12 +117,12 @@ defmodule DSPexBench.Scenarios do
       handles = Map.new(@pools, &{&1, Impls.start(&1, size, cfg.python, cfg.script)})
 
       try do
-        # Repetitions interleave the pools, so drift and neighbours' noise spread over all of
-        # them; a cell's throughput is the median of its repetitions.
+        # Repetitions interleave the pools (the order rotating), so drift and neighbours'
+        # noise spread over all of them; a cell's throughput is the median of its repetitions.
         cells =
           for conc <- cfg.concurrency,
               rep <- 1..cfg.s2_reps,
-              kind <- @pools do
+              kind <- rotate(@pools, rep + conc) do
             Monitor.phase({:s2, kind, size, conc})
             h = handles[kind]
 
@@ -143,7 +140,11 @@ defmodule DSPexBench.Scenarios do
           |> Map.new(fn {key, reps} -> {key, Load.merge(reps)} end)
 
         Monitor.phase({:s2, :raw, size})
-        raw = raw_floor(cfg, workers: [size], skip_sequential: true, duration: cfg.s2_ms)
+
+        raw =
+          if cfg.monitored,
+            do: %{pipelined: []},
+            else: raw_floor(cfg, workers: [size], skip_sequential: true, duration: cfg.s2_ms)
 
         cpu = Env.cpu_foreign(c0, Env.cpu_snapshot(), System.monotonic_time(:millisecond) - w0)
         log("  pool_size #{size}: done")
@@ -160,34 +161,39 @@ defmodule DSPexBench.Scenarios do
     handles = Map.new(@pools, &{&1, Impls.start(&1, 8, cfg.python, cfg.script)})
 
     try do
-      for kind <- @pools, into: %{} do
-        Monitor.phase({:s3, kind})
-        h = handles[kind]
+      # Repetitions interleave the pools, the order rotating.
+      runs =
+        for rep <- 1..cfg.s3_reps, kind <- rotate(@pools, rep) do
+          Monitor.phase({:s3, kind})
+          {kind, sleep_run(handles[kind])}
+        end
 
-        runs =
-          for _ <- 1..cfg.s3_reps do
-            t0 = Stats.now()
-
-            lats =
-              1..32
-              |> Enum.map(fn _ ->
-                Task.async(fn ->
-                  t = Stats.now()
-                  {:ok, _} = Impls.call(h, "sleep", %{ms: 50})
-                  Stats.native_to_us(Stats.now() - t) / 1000
-                end)
-              end)
-              |> Task.await_many(60_000)
-
-            %{wall_ms: Stats.native_to_us(Stats.now() - t0) / 1000, lats: lats}
-          end
-
+      runs
+      |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+      |> Map.new(fn {kind, runs} ->
         wall = Stats.median(Enum.map(runs, & &1.wall_ms))
         {kind, %{wall_ms: wall, lat: Stats.summarize(Enum.flat_map(runs, & &1.lats))}}
-      end
+      end)
     after
       Enum.each(handles, fn {_, h} -> Impls.stop(h) end)
     end
+  end
+
+  defp sleep_run(h) do
+    t0 = Stats.now()
+
+    lats =
+      1..32
+      |> Enum.map(fn _ ->
+        Task.async(fn ->
+          t = Stats.now()
+          {:ok, _} = Impls.call(h, "sleep", %{ms: 50})
+          Stats.native_to_us(Stats.now() - t) / 1000
+        end)
+      end)
+      |> Task.await_many(60_000)
+
+    %{wall_ms: Stats.native_to_us(Stats.now() - t0) / 1000, lats: lats}
   end
 
   # ---- 4. checkout + checkin -----------------------------------------------------------
@@ -204,32 +210,22 @@ defmodule DSPexBench.Scenarios do
       # after each batch. A process that never receives does not handle its incoming signals
       # (such as those of monitors being removed), and a backlog of them makes every garbage
       # collection of that process slower.
+      # Batches of the pools interleave, the order rotating from batch to batch.
+      batch = 1_000
+
+      Enum.each(handles, fn {_, h} ->
+        Enum.each(1..batch, fn _ -> Impls.checkout_checkin(h) end)
+      end)
+
       uncontended =
-        for kind <- @checkout_kinds, variant <- [:plain, :receive], into: %{} do
+        for variant <- [:plain, :receive],
+            round <- 1..div(cfg.s4_ops, batch),
+            kind <- rotate(@checkout_kinds, round) do
           Monitor.phase({:s4, kind, :uncontended})
-          h = handles[kind]
-          batch = 1_000
-          Enum.each(1..batch, fn _ -> Impls.checkout_checkin(h) end)
-
-          per_op =
-            for _ <- 1..div(cfg.s4_ops, batch) do
-              t0 = Stats.now()
-              for _ <- 1..batch, do: Impls.checkout_checkin(h)
-              us = Stats.native_to_us(Stats.now() - t0) / batch
-
-              if variant == :receive do
-                receive do
-                  :dspex_bench_never -> :ok
-                after
-                  0 -> :ok
-                end
-              end
-
-              us
-            end
-
-          {{kind, variant}, Stats.summarize(per_op)}
+          {{kind, variant}, checkout_batch(handles[kind], batch, variant)}
         end
+        |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+        |> Map.new(fn {key, per_op} -> {key, Stats.summarize(per_op)} end)
 
       contended =
         for kind <- @checkout_kinds, into: %{} do
@@ -241,6 +237,23 @@ defmodule DSPexBench.Scenarios do
     after
       Enum.each(handles, fn {_, h} -> Impls.stop(h) end)
     end
+  end
+
+  # µs per checkout+checkin over a batch of `batch` pairs.
+  defp checkout_batch(h, batch, variant) do
+    t0 = Stats.now()
+    for _ <- 1..batch, do: Impls.checkout_checkin(h)
+    us = Stats.native_to_us(Stats.now() - t0) / batch
+
+    if variant == :receive do
+      receive do
+        :dspex_bench_never -> :ok
+      after
+        0 -> :ok
+      end
+    end
+
+    us
   end
 
   # `waiters` processes each do `each` checkout+checkin back to back, all at once.

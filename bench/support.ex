@@ -303,6 +303,7 @@ defmodule DSPexBench.Monitor do
   @doc "Per phase: %{long: [events], max_long_ms, probe_max_late_us}."
   def stop do
     {pid, probe} = :persistent_term.get({__MODULE__, :pids})
+    :persistent_term.erase({__MODULE__, :pids})
     :erlang.system_monitor(:undefined)
     Process.exit(probe, :kill)
     ref = make_ref()

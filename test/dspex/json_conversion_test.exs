@@ -39,6 +39,18 @@ defmodule DSPex.NativePool.JsonConversionTest do
     assert {:error, {:decode_error, _}} = Native.json_decode("[1] trailing")
   end
 
+  test "json_decode_small decodes like json_decode on the calling scheduler, up to 16 KiB" do
+    reply = ~s({"id":7,"success":true,"result":{"status":"ok","pid":42,"x":[1.5,null]}})
+    assert Native.json_decode_small(reply) == Native.json_decode(reply)
+    assert {:error, {:decode_error, _}} = Native.json_decode_small("{")
+
+    at_limit = ~s(") <> String.duplicate("a", 16 * 1024 - 2) <> ~s(")
+    assert {:ok, text} = Native.json_decode_small(at_limit)
+    assert byte_size(text) == 16 * 1024 - 2
+    # Larger input is left to the dirty-scheduler json_decode/1.
+    assert :dirty = Native.json_decode_small(at_limit <> " ")
+  end
+
   test "what JSON cannot express is refused with its path" do
     assert {:error, {:invalid_args, "args.a[1].b is a pid, which has no JSON form"}} =
              Native.json_encode(%{a: [1, %{b: self()}]})

@@ -28,4 +28,5 @@ defmodule DSPex.NativePool.Native do
   def json_encode(_term), do: :erlang.nif_error(:nif_not_loaded)
   def json_decode(_json), do: :erlang.nif_error(:nif_not_loaded)
   def log_ack(_ack), do: :erlang.nif_error(:nif_not_loaded)
+  def json_decode_small(_json), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -554,3 +554,20 @@ fn json_decode<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
         Err(e) => error(env, PoolError::Decode(e.to_string())),
     }
 }
+
+/// Input size up to which `json_decode_small` decodes on the calling scheduler (well under
+/// 1 ms of work); larger input returns `:dirty` (use `json_decode/1`).
+const SMALL_DECODE_BUDGET: usize = 16 * 1024;
+
+/// `json_decode/1` on the calling (normal) scheduler, for small input: the bench's baselines
+/// decode replies with it, at the speed their users get from Jason.
+#[rustler::nif]
+fn json_decode_small<'a>(env: Env<'a>, json: rustler::Binary<'a>) -> Term<'a> {
+    if json.len() > SMALL_DECODE_BUDGET {
+        return atoms::dirty().encode(env);
+    }
+    match crate::term::json_to_term(env, json.as_slice()) {
+        Ok(term) => (atoms::ok(), term).encode(env),
+        Err(e) => error(env, PoolError::Decode(e.to_string())),
+    }
+}
