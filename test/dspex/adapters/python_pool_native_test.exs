@@ -30,7 +30,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
   setup %{pool: pool} do
     session = "session_#{System.unique_integer([:positive])}"
-    on_exit(fn -> Adapter.end_session(session, pool: pool) end)
+    on_exit(fn -> Adapter.end_session(session) end)
     %{session: session, opts: %{pool: pool, session_id: session}}
   end
 
@@ -157,7 +157,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
         assert Adapter.list_programs(bad_opts) == no_session
       end
 
-      refute Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id in ["", nil]))
+      refute Enum.any?(Adapter.get_session_info(), &(&1.session_id in ["", nil]))
 
       # Arguments JSON cannot hold: the pool's reason, nothing sent.
       assert {:error, {:invalid_args, _}} =
@@ -175,7 +175,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       pool: pool
     } do
       anonymous = %{pool: pool}
-      on_exit(fn -> Adapter.end_session("anonymous", pool: pool) end)
+      on_exit(fn -> Adapter.end_session("anonymous") end)
       id = create!(anonymous, %{signature: @qa})
 
       assert {:ok, %{"outputs" => %{"answer" => _}}} =
@@ -252,7 +252,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
       # Other sessions keep the global LM.
       other = %{opts | session_id: opts.session_id <> "_other"}
-      on_exit(fn -> Adapter.end_session(other.session_id, pool: pool) end)
+      on_exit(fn -> Adapter.end_session(other.session_id) end)
       other_id = create!(other, %{signature: @qa})
 
       assert {:ok, %{"outputs" => %{"answer" => answer}}} =
@@ -267,7 +267,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       session: session
     } do
       {:ok, ^session} = Adapter.start_session(session, pool: pool)
-      assert Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id == session))
+      assert Enum.any?(Adapter.get_session_info(), &(&1.session_id == session))
       id = create!(opts, %{signature: @qa})
       home = session_worker_pid(opts)
 
@@ -291,8 +291,8 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
       assert Enum.count(holders, & &1) == 2
 
-      assert :ok = Adapter.end_session(session, pool: pool)
-      refute Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id == session))
+      assert :ok = Adapter.end_session(session)
+      refute Enum.any?(Adapter.get_session_info(), &(&1.session_id == session))
 
       eventually(fn ->
         on_every_worker(pool, fn c ->
@@ -401,7 +401,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
         other -> [other]
       end
 
-    Adapter.end_session(opts.session_id, pool: pool)
+    Adapter.end_session(opts.session_id)
     List.flatten(executions) ++ Enum.map(listed, &{opts.session_id, :list_programs, &1})
   end
 end
