@@ -117,7 +117,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       assert {:error, "Program not found: qa"} = Adapter.execute_program("qa", %{}, opts)
     end
 
-    test "errors keep V2's shapes", %{opts: opts, pool: pool} do
+    test "errors keep V2's shapes", %{opts: opts} do
       create!(opts, %{id: "qa", signature: @qa})
 
       # Unknown programs: Python's message.
@@ -210,6 +210,70 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
     end
   end
 
+  describe "V2's API" do
+    test "V2's pool-name routes: with_pool_name/1, session_adapter/2, configure_lm/2", %{
+      session: session,
+      pool: pool
+    } do
+      pool_name = NativePool.get_pool_name_for(pool)
+      assert pool_name == :"#{pool}_pool"
+      adapter = Adapter.with_pool_name(pool_name)
+
+      assert :ok = adapter.configure_lm.(%{provider: "dummy"})
+      assert :ok = Adapter.configure_lm(%{provider: "dummy"}, %{pool_name: pool_name})
+      assert :ok = adapter.health_check.()
+      assert {:ok, %{pool_status: %{pool_size: @pool_size}}} = adapter.get_stats.()
+
+      {:ok, id} = adapter.create_program.(%{signature: @qa, session_id: session})
+
+      assert {:ok, %{"outputs" => %{"answer" => answer}}} =
+               adapter.execute_program.(id, %{question: "named"}, %{session_id: session})
+
+      assert answer == answer_for("named")
+
+      bound = adapter.session_adapter.(session)
+      assert bound.session_id == session
+      assert {:ok, [^id]} = bound.list_programs.()
+      assert {:ok, %{session_id: ^session}} = bound.get_program_info.(id)
+      assert {:ok, [^id]} = Adapter.session_adapter(session, pool_name).list_programs.()
+      assert {:ok, [^id]} = Adapter.session_adapter(session, pool).list_programs.()
+      assert :ok = bound.delete_program.(id)
+      assert {:ok, []} = adapter.list_programs.()
+    end
+
+    test "every public function of PythonPoolV2 exists with every arity" do
+      v2 = [
+        create_program: 1,
+        execute_program: 2,
+        execute_program: 3,
+        list_programs: 0,
+        list_programs: 1,
+        delete_program: 1,
+        delete_program: 2,
+        get_program_info: 1,
+        get_program_info: 2,
+        health_check: 0,
+        health_check: 1,
+        get_stats: 0,
+        get_stats: 1,
+        configure_lm: 1,
+        configure_lm: 2,
+        supports_test_layer?: 1,
+        get_test_capabilities: 0,
+        start_session: 1,
+        start_session: 2,
+        end_session: 1,
+        get_session_info: 0,
+        session_adapter: 1,
+        session_adapter: 2,
+        with_pool_name: 1
+      ]
+
+      missing = for {f, a} <- v2, not function_exported?(Adapter, f, a), do: {f, a}
+      assert missing == []
+    end
+  end
+
   describe "sessions" do
     test "100 concurrent sessions, 3 programs each executed 10 times, see only their own programs",
          %{pool: pool} do
@@ -229,8 +293,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
     end
 
     test "a session's programs and LM survive the death of the worker that holds them", %{
-      opts: opts,
-      pool: pool
+      opts: opts
     } do
       id = create!(opts, %{signature: @qa, program_type: "chain_of_thought"})
 
