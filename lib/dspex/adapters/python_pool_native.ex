@@ -24,21 +24,8 @@ defmodule DSPex.Adapters.PythonPoolNative do
   compile time (already compiled, or compiled in the same project), so it compiles with and
   without DSPex. Used as a Mix dependency of DSPex it compiles first and declares nothing, which
   is harmless: the registry checks an adapter with `function_exported?/3`.
-  `DSPex.Adapters.Registry` resolves an adapter name through its `@adapters` map (name to
-  module) and `Application.get_env(:dspex, :adapter)`; V2's migration guide switched on
-  `config :dspex, pool_version: :v2`. Adding the native pool is one entry and one config line:
-
-      # DSPex.Adapters.Registry
-      @adapters %{
-        python_port: DSPex.Adapters.PythonPort,
-        python_pool_native: DSPex.Adapters.PythonPoolNative,
-        # ...
-      }
-
-      # config/config.exs
-      config :dspex, adapter: :python_pool_native
-
-  and `DSPex.PythonBridge.NativePool` in the supervision tree in place of SessionPoolV2.
+  DSPex's registry selects adapters from a compiled-in map; see the README's "Using it from
+  DSPex" for the one line to change there and the config that goes with it.
 
   ## Sessions
 
@@ -266,6 +253,8 @@ defmodule DSPex.Adapters.PythonPoolNative do
   @doc """
   `{:ok, stats}`: the pool's status (`NativePool.get_pool_status/1`: V2's keys plus worker
   counts) and, for a named session, the stats of the worker serving it (`"pid"`, `"session"`).
+  `adapter_type` is V2's `:python_pool_v2`, so DSPex code that checks it keeps working;
+  `implementation: :dspex_native_pool` tells the two apart.
   """
   @spec get_stats() :: {:ok, map()} | {:error, term()}
   def get_stats do
@@ -291,7 +280,9 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
       {:ok,
        %{
-         adapter_type: :python_pool_native,
+         # V2's value, for DSPex code and tests that check it; `implementation` says which.
+         adapter_type: :python_pool_v2,
+         implementation: :dspex_native_pool,
          layer: :production,
          pool_status: pool_status,
          session_stats: session_stats,

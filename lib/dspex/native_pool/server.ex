@@ -436,7 +436,13 @@ defmodule DSPex.NativePool.Server do
 
   @impl true
   def terminate(_reason, state) do
-    Registry.unpublish()
+    # The registry may be gone already (its application stopping): the pool stops regardless.
+    try do
+      Registry.unpublish()
+    catch
+      :exit, _ -> :ok
+    end
+
     stop_pool(state)
   end
 

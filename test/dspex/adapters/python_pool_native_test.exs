@@ -408,7 +408,14 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       assert :ok = Adapter.health_check(pool: pool)
 
       assert {:ok, stats} = Adapter.get_stats(%{pool: pool})
-      assert %{adapter_type: :python_pool_native, layer: :production, session_stats: %{}} = stats
+
+      assert %{
+               adapter_type: :python_pool_v2,
+               implementation: :dspex_native_pool,
+               layer: :production,
+               session_stats: %{}
+             } = stats
+
       assert %{pool_size: @pool_size, ready: _, busy: _, sessions: _} = stats.pool_status
 
       create!(opts, %{signature: @qa})
