@@ -330,6 +330,28 @@ defmodule DSPex.PythonBridge.NativePoolDropInTest do
       assert {:error, _} = Server.fetch(name)
     end
 
+    test "a pool whose linked parent dies stops at once; the registry stops its workers" do
+      name = unique_name()
+      test = self()
+
+      parent =
+        spawn(fn ->
+          {:ok, pid} = NativePool.start_link(base_opts(name))
+          send(test, {:started, pid, pool_pids(name)})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:started, pool, workers}, 30_000
+      ref = Process.monitor(pool)
+      Process.exit(parent, :shutdown)
+      assert_receive {:DOWN, ^ref, _, _, :shutdown}
+      eventually(fn -> match?({:error, _}, Server.fetch(name)) end)
+      eventually(fn -> Enum.all?(workers, &(not alive?(&1))) end)
+      # The name is free for the next test's pool.
+      {:ok, _} = NativePool.start_link(base_opts(name))
+      :ok = GenServer.stop(name)
+    end
+
     test "a supervisor stopping a pool with a long :shutdown_grace waits for it" do
       name = unique_name()
       opts = base_opts(name, shutdown_grace: 5_000)

@@ -436,14 +436,22 @@ defmodule DSPex.NativePool.Server do
 
   @impl true
   def terminate(_reason, state) do
-    # The registry may be gone already (its application stopping): the pool stops regardless.
-    try do
-      Registry.unpublish()
-    catch
-      :exit, _ -> :ok
-    end
+    if Process.alive?(state.parent) do
+      # A supervisor (or GenServer.stop): stop the workers within its shutdown time. The
+      # registry may be gone already (its application stopping): the pool stops regardless.
+      try do
+        Registry.unpublish()
+      catch
+        :exit, _ -> :ok
+      end
 
-    stop_pool(state)
+      stop_pool(state)
+    else
+      # The parent died and nobody waits for this stop: exit at once, as SessionPoolV2 (which
+      # does not trap exits) did, so that a `GenServer.stop/1` racing with the parent's death
+      # finds nothing to stop. The registry sees this process go and stops the pool.
+      :ok
+    end
   end
 
   # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
