@@ -13,19 +13,26 @@ defmodule DSPex.PythonBridge.NativePool do
 
   ## Options
 
-    * `:name` - the pool's name, passed as `:pool` to calls (default: `#{inspect(__MODULE__)}`)
+    * `:name` - the pool's name: its owner process is registered under it, and calls pass it as
+      `:pool` (or `:"\#{name}_pool"`, V2's pool name, as `:pool_name`) (default:
+      `#{inspect(__MODULE__)}`)
     * `:pool_size` - permanent workers (default: `System.schedulers_online() * 2`)
+      (`:pool_size + :max_overflow` must fit the file descriptors the VM may open, about 4 per
+      worker: a larger pool raises `ArgumentError` saying the RLIMIT_NOFILE limit)
     * `:overflow` / `:max_overflow` - extra workers started while callers wait and every
       permanent worker is busy, retired after `:overflow_idle_timeout` ms idle (default: 2)
-    * `:lazy` - start workers on first demand instead of at start-up (default: `true`); with
-      `lazy: false`, `start_link/1` returns once every worker answered a ping, or an error
+    * `:lazy` / `:pool_lazy` - start workers on first demand instead of at start-up (default:
+      `false`, or `config :dspex, pool_lazy: true`, as SessionPoolV2); with `lazy: false`,
+      `start_link/1` returns once every worker answered a ping, or an error
+    * `:retries` / `:max_retries` - the default `:retries` of calls (default: 0)
+    * `:worker_module` - SessionPoolV2's NimblePool worker: accepted and ignored
     * `:python` - interpreter (default: the venv of `mix dspex_native_pool.setup_python` when it
       exists, else `python3`)
     * `:script` - worker script (default: `priv/python/dspy_bridge.py`)
     * `:worker_args` - extra arguments for the script (default: `[]`)
     * `:env` - extra environment for workers, a list of `{name, value}` strings
-    * `:checkout_timeout` - default `:pool_timeout` of calls, ms (default: 5_000)
-    * `:operation_timeout` - default `:timeout` of calls, ms (default: 30_000)
+    * `:checkout_timeout` - default `:pool_timeout` of calls, ms or `:infinity` (default: 5_000)
+    * `:operation_timeout` - default `:timeout` of calls, ms or `:infinity` (default: 30_000)
     * `:start_timeout` - how long a worker may take to answer its first ping, ms (default: 60_000)
     * `:max_frame_size` - largest frame in either direction, bytes (default: 64 MiB)
     * `:affinity` - `:prefer` (default) or `:strict`, see "Sessions" below
@@ -35,7 +42,11 @@ defmodule DSPex.PythonBridge.NativePool do
       worker), checked every quarter of it up to every 5 minutes; `:infinity` keeps them
       (default: 3_600_000, one hour, as SessionPoolV2)
     * `:shutdown_grace` - on stop, how long a worker gets after `shutdown` before SIGTERM, and
-      after SIGTERM before SIGKILL, ms (default: 2_000)
+      after SIGTERM before SIGKILL, ms (default: 2_000); the child spec's `shutdown` is
+      derived from it
+
+  Bad option values raise `ArgumentError` with `got: ...`; keys SessionPoolV2 never knew raise
+  too.
 
   ## Sessions
 
@@ -71,6 +82,15 @@ defmodule DSPex.PythonBridge.NativePool do
     * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
       says why, with the worker's stderr), or a checkout lost its worker
     * `{:session_lost, detail}` - a `:strict` session's worker died
+    * `{:invalid_command, detail}` - the command is not an atom or a non-empty UTF-8 string
+    * `{:invalid_session_id, detail}` - the session id is not a non-empty UTF-8 string, an atom
+      or an integer
+    * `{:invalid_mode, detail}` - `checkout/2` got a mode other than `:anonymous` or
+      `{:session, id}`
+
+  Bad call options (not a keyword list or a map, a timeout that is not `0..4294967295` or
+  `:infinity`, an unknown `:affinity`, a negative `:retries`) raise `ArgumentError` with
+  `got: ...` before anything is sent. Unknown call option keys are ignored, as SessionPoolV2 did.
   """
 
   alias DSPex.NativePool.{Checkout, Native, Registry, Server, Telemetry}
