@@ -320,6 +320,7 @@ defmodule DSPex.NativePool.Server do
           do: Logger.warning("DSPex native pool #{inspect(name)}: #{pool.setup_hint}")
 
         schedule_session_sweep(state)
+        follow_parent(parent)
         {:ok, state}
 
       {:error, reason} ->
@@ -330,6 +331,18 @@ defmodule DSPex.NativePool.Server do
       {:exit, reason} ->
         stop_pool(state)
         {:stop, reason}
+    end
+  end
+
+  # A parent that traps exits (a supervisor) stops this pool with an exit signal and waits up
+  # to its shutdown time: trap it, and stop the workers in terminate/2. A parent that does not
+  # (a test process, a script) takes the pool down with it at once, as it took SessionPoolV2
+  # (which never trapped exits): then the registry sees this process go and stops the workers,
+  # and code that checks `Process.alive?/1` right after the parent died finds it gone.
+  defp follow_parent(parent) do
+    case Process.info(parent, :trap_exit) do
+      {:trap_exit, true} -> :ok
+      _ -> Process.flag(:trap_exit, false)
     end
   end
 
@@ -447,9 +460,8 @@ defmodule DSPex.NativePool.Server do
 
       stop_pool(state)
     else
-      # The parent died and nobody waits for this stop: exit at once, as SessionPoolV2 (which
-      # does not trap exits) did, so that a `GenServer.stop/1` racing with the parent's death
-      # finds nothing to stop. The registry sees this process go and stops the pool.
+      # The parent died and nobody waits for this stop: exit at once; the registry sees this
+      # process go and stops the pool.
       :ok
     end
   end

@@ -116,6 +116,10 @@ defmodule DSPex.PythonBridge.NativePool do
   that owns the native pool and its workers. Stopping it (`GenServer.stop(name)`, its
   supervisor, or its death) stops every worker and frees the name.
 
+  Under a supervisor (a parent that traps exits) the pool stops its workers before it exits,
+  within the child spec's `shutdown`; linked to a process that does not trap exits, it dies with
+  that process at once, as SessionPoolV2 did, and its workers stop in the background.
+
   It answers `GenServer.call(name, :get_status)` (`get_pool_status/1`), `:get_pool_name`
   (`get_pool_name_for/1`) and `:health_check` as SessionPoolV2's process did.
   """
