@@ -94,7 +94,7 @@ defmodule DSPexBench.Impls do
     :ok
   end
 
-  defp do_stop({:native, name, _}), do: Supervisor.stop(:"#{name}.Supervisor", :normal, 30_000)
+  defp do_stop({:native, name, _}), do: GenServer.stop(name, :normal, 30_000)
   defp do_stop({:v2, pid}), do: V2Pool.stop(pid)
   defp do_stop({:v1, pid}), do: V1Pool.stop(pid)
   defp do_stop({:poolboy, pid}), do: Poolboy.stop(pid)

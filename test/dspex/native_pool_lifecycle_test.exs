@@ -156,11 +156,6 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
     end
   end
 
-  test "child_spec is a supervisor spec like SessionPoolV2's" do
-    assert %{type: :supervisor, shutdown: 10_000, start: {NativePool, :start_link, [[]]}} =
-             NativePool.child_spec([])
-  end
-
   @tag timeout: 60_000
   test "a BEAM killed with SIGKILL leaves no Python worker behind" do
     ebin = :code.lib_dir(:dspex_native_pool) |> Path.join("ebin")

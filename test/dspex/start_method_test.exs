@@ -333,7 +333,7 @@ defmodule DSPex.PythonBridge.StartMethodTest do
       on_exit(fn -> :logger.remove_handler(handler) end)
       flood = start(ctx, pool_size: 1)
       other = start(ctx, pool_size: 1)
-      owner = Process.whereis(:"#{flood[:pool]}.Server")
+      owner = Process.whereis(flood[:pool])
 
       sampler =
         Task.async(fn ->

@@ -24,21 +24,8 @@ defmodule DSPex.Adapters.PythonPoolNative do
   compile time (already compiled, or compiled in the same project), so it compiles with and
   without DSPex. Used as a Mix dependency of DSPex it compiles first and declares nothing, which
   is harmless: the registry checks an adapter with `function_exported?/3`.
-  `DSPex.Adapters.Registry` resolves an adapter name through its `@adapters` map (name to
-  module) and `Application.get_env(:dspex, :adapter)`; V2's migration guide switched on
-  `config :dspex, pool_version: :v2`. Adding the native pool is one entry and one config line:
-
-      # DSPex.Adapters.Registry
-      @adapters %{
-        python_port: DSPex.Adapters.PythonPort,
-        python_pool_native: DSPex.Adapters.PythonPoolNative,
-        # ...
-      }
-
-      # config/config.exs
-      config :dspex, adapter: :python_pool_native
-
-  and `DSPex.PythonBridge.NativePool` in the supervision tree in place of SessionPoolV2.
+  DSPex's registry selects adapters from a compiled-in map; see the README's "Using it from
+  DSPex" for the one line to change there and the config that goes with it.
 
   ## Sessions
 
@@ -67,7 +54,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
   `configure_lm/1`), these keys are read by the adapter and not sent to Python:
 
     * `:session_id` - see above
-    * `:pool` - the name of the pool (default: the `:pool` of
+    * `:pool` or `:pool_name` - the name of the pool (default: the `:pool` of
       `config :dspex_native_pool, #{inspect(__MODULE__)}`, else `DSPex.PythonBridge.NativePool`)
     * `:pool_timeout` - how long to wait for a free worker, ms (the pool's `:checkout_timeout`)
     * `:timeout` - how long to wait for the reply, ms (the pool's `:operation_timeout`)
@@ -76,9 +63,10 @@ defmodule DSPex.Adapters.PythonPoolNative do
       mid-request (default: 1 for `execute_program`, `list_programs`, `get_program_info` and
       `get_stats`, 0 for the commands that change a session); an LM call may then be made twice
 
-  Options may be a map or a keyword list. Functions that had no options in V2 gained an extra
-  arity that takes them: `health_check/1`, `end_session/2`, `get_session_info/1`,
-  `session_adapter/2`; `start_session/2` reads `:pool`.
+  `:pool_name` (V2's name for the pool, from `NativePool.get_pool_name_for/1`) and
+  `:max_retries` are accepted as V2 passed them. Options may be a map or a keyword list. Every
+  public function of V2, with every arity, is here (`with_pool_name/1`, `configure_lm/2`,
+  `session_adapter/2` with a pool name, ...).
 
   ## Errors
 
@@ -88,8 +76,8 @@ defmodule DSPex.Adapters.PythonPoolNative do
   (`{:timeout, _}`, `{:worker_exited, _}`, `{:invalid_args, _}`, `{:session_lost, _}`) are
   returned as they are. A pool that is not running gives `"Checkout failed: ..."` (or
   `{:checkout_failed, detail}` from `health_check/0` and `configure_lm/1`, which V2 did not map
-  either), as a stopped NimblePool did in V2; `end_session/1` and `get_session_info/0` raise
-  `ArgumentError` then, as V2's did on its missing ETS table.
+  either), as a stopped NimblePool did in V2. Sessions are tracked globally, as in V2:
+  `start_session/2`, `end_session/1` and `get_session_info/0` work with no pool running.
   """
 
   alias DSPex.PythonBridge.NativePool
@@ -111,7 +99,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   # Default session for anonymous operations, as in V1/V2.
   @default_session "anonymous"
-  @call_opts [:pool, :pool_timeout, :timeout, :affinity, :retries]
+  @call_opts [:pool, :pool_name, :pool_timeout, :timeout, :affinity, :retries, :max_retries]
   # Commands that change nothing a retry could double: run again on another worker when theirs
   # died mid-request (typically a worker that crashed while idle, just before this request).
   @repeatable [:execute_program, :list_programs, :get_program_info, :get_stats]
@@ -253,7 +241,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   @spec health_check(options()) :: :ok | {:error, term()}
   def health_check(options) do
-    case guard(fn -> NativePool.health_check(call_opts(to_map(options))) end) do
+    case NativePool.health_check(call_opts(to_map(options))) do
       {:ok, :healthy} -> :ok
       {:error, {:unhealthy, reason}} -> {:error, reason}
       {:error, reason} -> {:error, reason}
@@ -265,6 +253,8 @@ defmodule DSPex.Adapters.PythonPoolNative do
   @doc """
   `{:ok, stats}`: the pool's status (`NativePool.get_pool_status/1`: V2's keys plus worker
   counts) and, for a named session, the stats of the worker serving it (`"pid"`, `"session"`).
+  `adapter_type` is V2's `:python_pool_v2`, so DSPex code that checks it keeps working;
+  `implementation: :dspex_native_pool` tells the two apart.
   """
   @spec get_stats() :: {:ok, map()} | {:error, term()}
   def get_stats do
@@ -290,7 +280,9 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
       {:ok,
        %{
-         adapter_type: :python_pool_native,
+         # V2's value, for DSPex code and tests that check it; `implementation` says which.
+         adapter_type: :python_pool_v2,
+         implementation: :dspex_native_pool,
          layer: :production,
          pool_status: pool_status,
          session_stats: session_stats,
@@ -319,7 +311,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
     result =
       case Map.fetch(config, :session_id) do
         :error ->
-          guard(fn -> NativePool.execute_anonymous(:configure_lm, lm_config, opts) end)
+          NativePool.execute_anonymous(:configure_lm, lm_config, opts)
 
         {:ok, _} ->
           with {:ok, session_id} <- session_id(config) do
@@ -333,6 +325,14 @@ defmodule DSPex.Adapters.PythonPoolNative do
       {:error, reason} -> {:error, reason}
       _ -> {:error, :configuration_failed}
     end
+  end
+
+  if {:configure_lm, 2} in @adapter_callbacks, do: @impl(true)
+
+  @doc "`configure_lm/1` with V2's separate options (`:pool_name`, `:session_id`, timeouts)."
+  @spec configure_lm(options(), options()) :: :ok | {:error, term()}
+  def configure_lm(config, options) do
+    configure_lm(Map.merge(to_map(config), Map.take(to_map(options), @adapter_keys)))
   end
 
   if {:supports_test_layer?, 1} in @adapter_callbacks, do: @impl(true)
@@ -362,39 +362,44 @@ defmodule DSPex.Adapters.PythonPoolNative do
   ## Session management
 
   @doc """
-  Starts a session: `{:ok, session_id}`. Tracks it in the pool (`:pool` option) at once, so it
-  shows in `get_session_info/0`; V2 tracked it on first use.
+  Starts a session: `{:ok, session_id}`. Tracks it at once (no pool needed), so it shows in
+  `get_session_info/0`; V2 tracked it on first use.
   """
   @spec start_session(String.t() | atom(), options()) :: {:ok, String.t() | atom()}
-  def start_session(session_id, opts \\ []) do
-    Logger.debug("Starting session: #{session_id}")
-    # Like V2, starting a session never fails: without a running pool, tracking starts on use.
-    _ = guard(fn -> NativePool.track_session(session_id, call_opts(to_map(opts))) end)
+  def start_session(session_id, _opts \\ []) do
+    Logger.debug("Starting session: #{inspect(session_id)}")
+    # Like V2, starting a session never fails.
+    _ = NativePool.track_session(session_id)
     {:ok, session_id}
   end
 
   @doc "Ends a session and frees its programs in every worker: `:ok`."
-  @spec end_session(String.t() | atom(), options()) :: :ok
-  def end_session(session_id, opts \\ []) do
-    NativePool.end_session(session_id, call_opts(to_map(opts)))
-  end
+  @spec end_session(String.t() | atom()) :: :ok | {:error, term()}
+  def end_session(session_id), do: NativePool.end_session(session_id)
 
   @doc "Tracked sessions: `%{session_id:, started_at:, last_activity:, operations:}` each."
-  @spec get_session_info(options()) :: [map()]
-  def get_session_info(opts \\ []) do
-    NativePool.get_session_info(call_opts(to_map(opts)))
-  end
+  @spec get_session_info() :: [map()]
+  def get_session_info, do: NativePool.get_session_info()
 
   @doc """
   A map of the adapter's functions bound to `session_id` (V2's keys, plus `:configure_lm`
-  for the session's LM and `:end_session`); `opts` (`:pool`, timeouts) are bound too.
+  for the session's LM and `:end_session`). The second argument is V2's pool name (what
+  `NativePool.get_pool_name_for/1` returns, or the pool's name; `nil` for the default pool), or
+  options (`:pool`, `:pool_name`, timeouts) to bind too.
 
       adapter = PythonPoolNative.session_adapter("user_123")
       {:ok, program_id} = adapter.create_program.(%{signature: signature})
   """
-  @spec session_adapter(String.t() | atom(), options()) :: map()
-  def session_adapter(session_id, opts \\ []) do
-    bound = opts |> to_map() |> Map.take(@call_opts) |> Map.put(:session_id, session_id)
+  @spec session_adapter(String.t() | atom(), atom() | options()) :: map()
+  def session_adapter(session_id, pool_name_or_opts \\ nil) do
+    bound =
+      case pool_name_or_opts do
+        nil -> %{}
+        pool_name when is_atom(pool_name) -> %{pool_name: pool_name}
+        opts -> opts |> to_map() |> Map.take(@call_opts)
+      end
+      |> Map.put(:session_id, session_id)
+
     with_session = &Map.merge(to_map(&1), bound)
 
     %{
@@ -406,10 +411,33 @@ defmodule DSPex.Adapters.PythonPoolNative do
       delete_program: fn program_id -> delete_program(program_id, bound) end,
       get_program_info: fn program_id -> get_program_info(program_id, bound) end,
       get_stats: fn -> get_stats(bound) end,
-      health_check: fn -> health_check(bound) end,
+      health_check: fn -> health_check(Map.delete(bound, :session_id)) end,
       configure_lm: fn config -> configure_lm(with_session.(config)) end,
-      end_session: fn -> end_session(session_id, bound) end,
+      end_session: fn -> end_session(session_id) end,
       session_id: session_id
+    }
+  end
+
+  @doc """
+  V2's adapter bound to the pool `pool_name` (a pool's name, or what
+  `NativePool.get_pool_name_for/1` returns): a map of functions with V2's keys.
+  """
+  @spec with_pool_name(atom()) :: map()
+  def with_pool_name(pool_name) do
+    pool = %{pool_name: pool_name}
+
+    %{
+      create_program: fn config -> create_program(Map.merge(to_map(config), pool)) end,
+      execute_program: fn program_id, inputs, opts ->
+        execute_program(program_id, inputs, Map.merge(to_map(opts), pool))
+      end,
+      list_programs: fn -> list_programs(pool) end,
+      delete_program: fn program_id -> delete_program(program_id, pool) end,
+      get_program_info: fn program_id -> get_program_info(program_id, pool) end,
+      get_stats: fn -> get_stats(pool) end,
+      health_check: fn -> health_check(pool) end,
+      configure_lm: fn config -> configure_lm(config, pool) end,
+      session_adapter: fn session_id -> session_adapter(session_id, pool_name) end
     }
   end
 
@@ -417,15 +445,20 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   defp call(session_id, command, args, opts) do
     opts = Keyword.put_new(opts, :retries, if(command in @repeatable, do: 1, else: 0))
-    guard(fn -> NativePool.execute_in_session(session_id, command, args, opts) end)
+    NativePool.execute_in_session(session_id, command, args, opts)
   end
 
-  # The pool raises ArgumentError when no pool of that name runs; V2 returned
+  # get_pool_status/1 raises ArgumentError when no pool of that name runs; V2 returned
   # {:checkout_failed, _} for a stopped NimblePool, and so does this adapter.
   defp guard(fun) do
     fun.()
   rescue
-    e in ArgumentError -> {:error, {:checkout_failed, Exception.message(e)}}
+    e in ArgumentError ->
+      message = Exception.message(e)
+
+      if message =~ "is running",
+        do: {:error, {:checkout_failed, message}},
+        else: reraise(e, __STACKTRACE__)
   end
 
   defp to_map(nil), do: %{}
@@ -440,12 +473,11 @@ defmodule DSPex.Adapters.PythonPoolNative do
   end
 
   defp call_opts(options) do
-    pool = Map.get(options, :pool) || default_pool()
+    opts = Map.take(options, @call_opts)
 
-    options
-    |> Map.take(@call_opts)
-    |> Map.put(:pool, pool)
-    |> Map.to_list()
+    if Map.get(opts, :pool) || Map.get(opts, :pool_name),
+      do: Map.to_list(opts),
+      else: [{:pool, default_pool()} | Map.to_list(opts)]
   end
 
   defp default_pool do

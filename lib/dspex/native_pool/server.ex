@@ -6,7 +6,10 @@ defmodule DSPex.NativePool.Server do
   use GenServer
   require Logger
 
-  alias DSPex.NativePool.{Native, Telemetry}
+  # The longest `receive ... after`.
+  @max_timeout 4_294_967_295
+
+  alias DSPex.NativePool.{Native, Python, Registry, Telemetry}
   alias DSPex.PythonBridge.NativePool
 
   @options [
@@ -15,6 +18,7 @@ defmodule DSPex.NativePool.Server do
     :overflow,
     :max_overflow,
     :lazy,
+    :pool_lazy,
     :python,
     :script,
     :start_method,
@@ -28,16 +32,41 @@ defmodule DSPex.NativePool.Server do
     :affinity_wait,
     :overflow_idle_timeout,
     :shutdown_grace,
-    :session_ttl
+    :session_ttl,
+    :retries,
+    :max_retries,
+    # SessionPoolV2's NimblePool worker module: accepted and ignored.
+    :worker_module
   ]
+
+  # File descriptors the BEAM holds per worker: stdin, stdout and stderr pipes, and a spare
+  # for the child's spawn. Plus what the VM itself needs to keep loading code and serving ports.
+  @fds_per_worker 4
+  @fd_reserve 64
 
   @doc false
   def validate!(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "expected the pool options to be a keyword list, got: #{inspect(opts)}"
+    end
+
     opts = Keyword.validate!(opts, @options)
+
+    if Keyword.has_key?(opts, :worker_module) do
+      Logger.debug(
+        "DSPex native pool: ignoring :worker_module #{inspect(opts[:worker_module])} (SessionPoolV2's NimblePool worker; the native pool has its own)"
+      )
+    end
+
     overflow = Keyword.get(opts, :max_overflow, Keyword.get(opts, :overflow, 2))
+    # SessionPoolV2's default: eager, unless `config :dspex, pool_lazy: true`.
+    lazy_default = Application.get_env(:dspex, :pool_lazy, false)
+    lazy = Keyword.get(opts, :lazy, Keyword.get(opts, :pool_lazy, lazy_default))
+    retries = Keyword.get(opts, :retries, Keyword.get(opts, :max_retries, 0))
 
     validated = [
-      name: check(opts, :name, NativePool.default_name(), &is_atom/1, "an atom"),
+      name:
+        check(opts, :name, NativePool.default_name(), &(is_atom(&1) and &1 != nil), "an atom"),
       pool_size:
         check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
       max_overflow:
@@ -48,9 +77,9 @@ defmodule DSPex.NativePool.Server do
           &non_neg_int?/1,
           "a non-negative integer"
         ),
-      lazy: check(opts, :lazy, true, &is_boolean/1, "a boolean"),
-      python: check(opts, :python, default_python(), &string?/1, "a path"),
-      script: check(opts, :script, default_script(), &string?/1, "a path"),
+      lazy: check([lazy: lazy], :lazy, false, &is_boolean/1, "a boolean"),
+      python: check(opts, :python, nil, &(&1 == nil or string?(&1)), "a path"),
+      script: check(opts, :script, Python.default_script(), &string?/1, "a path"),
       start_method:
         check(
           opts,
@@ -66,16 +95,16 @@ defmodule DSPex.NativePool.Server do
           opts,
           :checkout_timeout,
           NativePool.default_checkout_timeout(),
-          &non_neg_int?/1,
-          "a timeout in ms"
+          &timeout?/1,
+          "a timeout in ms or :infinity"
         ),
       operation_timeout:
         check(
           opts,
           :operation_timeout,
           NativePool.default_operation_timeout(),
-          &non_neg_int?/1,
-          "a timeout in ms"
+          &timeout?/1,
+          "a timeout in ms or :infinity"
         ),
       start_timeout: check(opts, :start_timeout, 60_000, &pos_int?/1, "a timeout in ms"),
       max_frame_size:
@@ -85,7 +114,14 @@ defmodule DSPex.NativePool.Server do
       affinity_wait: check(opts, :affinity_wait, 10, &non_neg_int?/1, "a time in ms"),
       overflow_idle_timeout:
         check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
-      shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms"),
+      shutdown_grace:
+        check(
+          opts,
+          :shutdown_grace,
+          2_000,
+          &(non_neg_int?(&1) and &1 <= 600_000),
+          "a time in ms (at most 600000)"
+        ),
       session_ttl:
         check(
           opts,
@@ -93,8 +129,12 @@ defmodule DSPex.NativePool.Server do
           3_600_000,
           &(&1 == :infinity or pos_int?(&1)),
           "a time in ms or :infinity"
-        )
+        ),
+      retries: check([retries: retries], :retries, 0, &non_neg_int?/1, "a non-negative integer"),
+      worker_module: Keyword.get(opts, :worker_module)
     ]
+
+    check_fds!(validated[:pool_size], validated[:max_overflow])
 
     if File.exists?(validated[:script]) do
       validated
@@ -118,24 +158,74 @@ defmodule DSPex.NativePool.Server do
   defp string?(v), do: is_binary(v) and v != ""
   defp strings?(v), do: is_list(v) and Enum.all?(v, &is_binary/1)
 
+  @doc false
+  # A timeout in ms: what `receive ... after` takes, or :infinity.
+  def timeout?(v), do: v == :infinity or (is_integer(v) and v >= 0 and v <= @max_timeout)
+
   defp env?(v),
     do: is_list(v) and Enum.all?(v, &match?({k, val} when is_binary(k) and is_binary(val), &1))
 
-  @doc "The interpreter of the project's venv when it exists, else `python3`."
-  def default_python do
-    venv = Path.join(priv_dir(), "python/.venv/bin/python")
-    if File.exists?(venv), do: venv, else: System.find_executable("python3") || "python3"
+  # Each worker holds descriptors of the BEAM's: a pool larger than the process may open
+  # would exhaust them (and with them code loading, sockets and files of the whole VM).
+  defp check_fds!(pool_size, max_overflow) do
+    workers = pool_size + max_overflow
+    needed = workers * @fds_per_worker
+
+    case fd_limit() do
+      nil ->
+        :ok
+
+      limit ->
+        open = open_fds()
+        available = limit - open - @fd_reserve
+
+        if needed > available do
+          raise ArgumentError,
+                "expected :pool_size + :max_overflow to fit the file descriptors this VM may open: " <>
+                  "#{workers} workers need about #{needed} (#{@fds_per_worker} each), but the limit " <>
+                  "(RLIMIT_NOFILE, `ulimit -n`) is #{limit} with #{open} open and #{@fd_reserve} kept " <>
+                  "for the VM, so at most #{max(div(available, @fds_per_worker), 0)} workers fit; lower " <>
+                  ":pool_size/:max_overflow or raise the limit, got: pool_size: #{pool_size}, " <>
+                  "max_overflow: #{max_overflow}"
+        end
+    end
   end
 
-  defp default_script, do: Path.join(priv_dir(), "python/dspy_bridge.py")
+  @doc false
+  # The soft RLIMIT_NOFILE of this OS process, or nil when it cannot be read.
+  def fd_limit do
+    case File.read("/proc/self/limits") do
+      {:ok, limits} ->
+        case Regex.run(~r/^Max open files\s+(\d+|unlimited)/m, limits) do
+          [_, "unlimited"] -> nil
+          [_, n] -> String.to_integer(n)
+          _ -> nil
+        end
+
+      {:error, _} ->
+        case Integer.parse(to_string(:os.cmd(~c"ulimit -n"))) do
+          {n, _} -> n
+          :error -> nil
+        end
+    end
+  end
+
+  @doc false
+  def open_fds do
+    case File.ls("/proc/self/fd") do
+      {:ok, fds} -> length(fds)
+      {:error, _} -> 0
+    end
+  end
+
+  @doc "The interpreter of the venv when it exists, else `python3` (see `DSPex.NativePool.Python`)."
+  def default_python, do: Python.default_python()
 
   # The DSPy bridge is forked from a fork server that imported DSPy once; other scripts are
   # started afresh (through the same server, so the VM never forks per worker).
   defp default_start_method(script) do
-    if script in [nil, default_script()], do: :fork_server, else: :spawn
+    if script in [nil, Python.default_script()], do: :fork_server, else: :spawn
   end
-
-  defp priv_dir, do: :code.priv_dir(:dspex_native_pool) |> to_string()
 
   @doc false
   def fetch(nil), do: fetch(NativePool.default_name())
@@ -159,13 +249,31 @@ defmodule DSPex.NativePool.Server do
     end
   end
 
-  def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: :"#{opts[:name]}.Server")
+  defp enhanced?(module) when is_atom(module) and module != nil,
+    do: module |> Atom.to_string() |> String.ends_with?("Enhanced")
+
+  defp enhanced?(_), do: false
+
+  @doc false
+  # SessionPoolV2's name of its NimblePool, which DSPex code passes back as `:pool_name`.
+  def pool_name(name), do: :"#{name}_pool"
+
+  @doc false
+  # How long a supervisor should give the pool to stop: `terminate/2` waits up to
+  # 2 x :shutdown_grace (shutdown, then SIGTERM, then SIGKILL) plus a margin.
+  def shutdown_timeout(grace), do: max(10_000, 2 * grace + 2_000)
+
+  def start_link(opts) do
+    Registry.ensure_started()
+    GenServer.start_link(__MODULE__, {self(), opts}, name: opts[:name])
+  end
 
   @impl true
-  def init(opts) do
+  def init({parent, opts}) do
     Process.flag(:trap_exit, true)
     name = opts[:name]
     cache_dir = Path.join(System.tmp_dir!(), "dspex_native_pool_dspy_cache")
+    python = opts[:python] || Python.default_python()
 
     config = %{
       pool_size: opts[:pool_size],
@@ -176,10 +284,10 @@ defmodule DSPex.NativePool.Server do
       overflow_idle_timeout: opts[:overflow_idle_timeout],
       affinity_wait: opts[:affinity_wait],
       shutdown_grace: opts[:shutdown_grace],
-      python: opts[:python],
+      python: python,
       script: opts[:script],
       start_method: opts[:start_method],
-      fork_server: Path.join(priv_dir(), "python/fork_server.py"),
+      fork_server: Python.fork_server_script(),
       worker_args: opts[:worker_args],
       env:
         [
@@ -192,43 +300,74 @@ defmodule DSPex.NativePool.Server do
 
     resource = Native.pool_start(config)
 
-    table =
-      :ets.new(:dspex_native_pool_sessions, [
-        :set,
-        :public,
-        read_concurrency: true,
-        write_concurrency: true
-      ])
-
     pool = %{
       name: name,
       resource: resource,
-      table: table,
       checkout_timeout: opts[:checkout_timeout],
       operation_timeout: opts[:operation_timeout],
       affinity: opts[:affinity],
+      retries: opts[:retries],
+      # SessionPoolV2 reported affinity stats only for its "enhanced" workers.
+      affinity_stats?: enhanced?(opts[:worker_module]),
       started_at: System.monotonic_time(:millisecond),
-      telemetry?: Code.ensure_loaded?(:telemetry)
+      telemetry?: Code.ensure_loaded?(:telemetry),
+      # Said with start-up errors when the default python has no venv (DSPy is missing).
+      setup_hint:
+        if(opts[:python] == nil and Python.venv_python() == nil, do: Python.setup_hint())
     }
 
-    state = %{pool: pool, shutdown_grace: opts[:shutdown_grace], session_ttl: opts[:session_ttl]}
+    state = %{
+      pool: pool,
+      parent: parent,
+      pool_size: opts[:pool_size],
+      max_overflow: opts[:max_overflow],
+      shutdown_grace: opts[:shutdown_grace],
+      session_ttl: opts[:session_ttl]
+    }
 
     case wait_until_ready(opts, state) do
       :ok ->
-        :persistent_term.put({NativePool, name}, pool)
+        :ok = Registry.publish([name, pool_name(name)], pool)
 
         Logger.info(
           "DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})"
         )
 
+        if pool.setup_hint,
+          do: Logger.warning("DSPex native pool #{inspect(name)}: #{pool.setup_hint}")
+
         schedule_session_sweep(state)
+        follow_parent(parent)
         {:ok, state}
 
       {:error, reason} ->
-        Native.pool_stop(resource)
+        stop_pool(state)
+        {:stop, with_hint(reason, pool)}
+
+      # The parent (a supervisor shutting down, a caller that exited) stopped waiting.
+      {:exit, reason} ->
+        stop_pool(state)
         {:stop, reason}
     end
   end
+
+  # A parent that traps exits (a supervisor) stops this pool with an exit signal and waits up
+  # to its shutdown time: trap it, and stop the workers in terminate/2. A parent that does not
+  # (a test process, a script) takes the pool down with it at once, as it took SessionPoolV2
+  # (which never trapped exits): then the registry sees this process go and stops the workers,
+  # and code that checks `Process.alive?/1` right after the parent died finds it gone.
+  defp follow_parent(parent) do
+    case Process.info(parent, :trap_exit) do
+      {:trap_exit, true} -> :ok
+      _ -> Process.flag(:trap_exit, false)
+    end
+  end
+
+  @doc false
+  def with_hint({tag, detail}, %{setup_hint: hint}) when is_binary(hint) and is_binary(detail),
+    do: {tag, detail <> "\n" <> hint}
+
+  def with_hint(reason, _pool), do: reason
 
   # With lazy: false, start-up returns once every worker answered its ping, or fails with why.
   defp wait_until_ready(opts, state) do
@@ -242,6 +381,7 @@ defmodule DSPex.NativePool.Server do
 
   defp await_workers(state, size, deadline) do
     status = Native.status(state.pool.resource)
+    parent = state.parent
 
     cond do
       status.ready >= size ->
@@ -255,6 +395,9 @@ defmodule DSPex.NativePool.Server do
         remaining = deadline - System.monotonic_time(:millisecond)
 
         receive do
+          {:EXIT, ^parent, reason} ->
+            {:exit, reason}
+
           message ->
             handle_native(message, state)
             await_workers(state, size, deadline)
@@ -265,23 +408,40 @@ defmodule DSPex.NativePool.Server do
   end
 
   @impl true
+  def handle_call(:get_status, _from, state) do
+    {:reply, NativePool.get_pool_status(state.pool.name), state}
+  end
+
+  def handle_call(:get_pool_name, _from, state) do
+    {:reply, pool_name(state.pool.name), state}
+  end
+
+  def handle_call(:health_check, _from, state) do
+    {:reply, NativePool.health_check(pool: state.pool.name), state}
+  end
+
+  @impl true
   def handle_info(:sweep_sessions, state) do
     # Sessions idle for longer than :session_ttl are ended, as SessionPoolV2 did, which also
     # frees their programs in the workers and the pool's record of them.
     cutoff = System.monotonic_time(:millisecond) - state.session_ttl
 
     stale =
-      :ets.select(state.pool.table, [{{:"$1", :_, :"$2", :_}, [{:<, :"$2", cutoff}], [:"$1"]}])
+      :ets.select(Registry.sessions(), [
+        {{:"$1", :_, :"$2", :_}, [{:<, :"$2", cutoff}], [:"$1"]}
+      ])
 
     for session_id <- stale do
       Logger.debug("ending idle session #{inspect(session_id)}", pool: state.pool.name)
-      :ets.delete(state.pool.table, session_id)
-      Native.end_session(state.pool.resource, session_id)
+      NativePool.end_session(session_id)
     end
 
     schedule_session_sweep(state)
     {:noreply, state}
   end
+
+  # A linked process other than the parent (the parent's exit stops a GenServer by itself).
+  def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
 
   def handle_info(message, state) do
     handle_native(message, state)
@@ -312,9 +472,27 @@ defmodule DSPex.NativePool.Server do
 
   @impl true
   def terminate(_reason, state) do
-    :persistent_term.erase({NativePool, state.pool.name})
+    if Process.alive?(state.parent) do
+      # A supervisor (or GenServer.stop): stop the workers within its shutdown time. The
+      # registry may be gone already (its application stopping): the pool stops regardless.
+      try do
+        Registry.unpublish()
+      catch
+        :exit, _ -> :ok
+      end
+
+      stop_pool(state)
+    else
+      # The parent died and nobody waits for this stop: exit at once; the registry sees this
+      # process go and stops the pool.
+      :ok
+    end
+  end
+
+  # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
+  defp stop_pool(state) do
     Native.pool_stop(state.pool.resource)
-    # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
+
     receive do
       {:dspex_native_pool_event, :stopped} -> :ok
     after

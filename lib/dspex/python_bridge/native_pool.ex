@@ -13,12 +13,19 @@ defmodule DSPex.PythonBridge.NativePool do
 
   ## Options
 
-    * `:name` - the pool's name, passed as `:pool` to calls (default: `#{inspect(__MODULE__)}`)
+    * `:name` - the pool's name: its owner process is registered under it, and calls pass it as
+      `:pool` (or `:"\#{name}_pool"`, V2's pool name, as `:pool_name`) (default:
+      `#{inspect(__MODULE__)}`)
     * `:pool_size` - permanent workers (default: `System.schedulers_online() * 2`)
+      (`:pool_size + :max_overflow` must fit the file descriptors the VM may open, about 4 per
+      worker: a larger pool raises `ArgumentError` saying the RLIMIT_NOFILE limit)
     * `:overflow` / `:max_overflow` - extra workers started while callers wait and every
       permanent worker is busy, retired after `:overflow_idle_timeout` ms idle (default: 2)
-    * `:lazy` - start workers on first demand instead of at start-up (default: `true`); with
-      `lazy: false`, `start_link/1` returns once every worker answered a ping, or an error
+    * `:lazy` / `:pool_lazy` - start workers on first demand instead of at start-up (default:
+      `false`, or `config :dspex, pool_lazy: true`, as SessionPoolV2); with `lazy: false`,
+      `start_link/1` returns once every worker answered a ping, or an error
+    * `:retries` / `:max_retries` - the default `:retries` of calls (default: 0)
+    * `:worker_module` - SessionPoolV2's NimblePool worker: accepted and ignored
     * `:python` - interpreter (default: the venv of `mix dspex_native_pool.setup_python` when it
       exists, else `python3`)
     * `:script` - worker script (default: `priv/python/dspy_bridge.py`)
@@ -31,8 +38,8 @@ defmodule DSPex.PythonBridge.NativePool do
       warning in the log
     * `:worker_args` - extra arguments for the script (default: `[]`)
     * `:env` - extra environment for workers, a list of `{name, value}` strings
-    * `:checkout_timeout` - default `:pool_timeout` of calls, ms (default: 5_000)
-    * `:operation_timeout` - default `:timeout` of calls, ms (default: 30_000)
+    * `:checkout_timeout` - default `:pool_timeout` of calls, ms or `:infinity` (default: 5_000)
+    * `:operation_timeout` - default `:timeout` of calls, ms or `:infinity` (default: 30_000)
     * `:start_timeout` - how long a worker may take to answer its first ping, ms (default: 60_000)
     * `:max_frame_size` - largest frame in either direction, bytes (default: 64 MiB)
     * `:affinity` - `:prefer` (default) or `:strict`, see "Sessions" below
@@ -42,7 +49,11 @@ defmodule DSPex.PythonBridge.NativePool do
       worker), checked every quarter of it up to every 5 minutes; `:infinity` keeps them
       (default: 3_600_000, one hour, as SessionPoolV2)
     * `:shutdown_grace` - on stop, how long a worker gets after `shutdown` before SIGTERM, and
-      after SIGTERM before SIGKILL, ms (default: 2_000)
+      after SIGTERM before SIGKILL, ms (default: 2_000); the child spec's `shutdown` is
+      derived from it
+
+  Bad option values raise `ArgumentError` with `got: ...`; keys SessionPoolV2 never knew raise
+  too.
 
   ## Sessions
 
@@ -78,115 +89,177 @@ defmodule DSPex.PythonBridge.NativePool do
     * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
       says why, with the worker's stderr), or a checkout lost its worker
     * `{:session_lost, detail}` - a `:strict` session's worker died
+    * `{:invalid_command, detail}` - the command is not an atom or a non-empty UTF-8 string
+    * `{:invalid_session_id, detail}` - the session id is not a non-empty UTF-8 string, an atom
+      or an integer
+    * `{:invalid_mode, detail}` - `checkout/2` got a mode other than `:anonymous` or
+      `{:session, id}`
+
+  Bad call options (not a keyword list or a map, a timeout that is not `0..4294967295` or
+  `:infinity`, an unknown `:affinity`, a negative `:retries`) raise `ArgumentError` with
+  `got: ...` before anything is sent. Unknown call option keys are ignored, as SessionPoolV2 did.
   """
 
-  use Supervisor
-
-  alias DSPex.NativePool.{Checkout, Native, Server, Telemetry}
+  alias DSPex.NativePool.{Checkout, Native, Registry, Server, Telemetry}
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
   # Rust answers every request by its deadlines; this margin only guards against a bug there.
   @reply_margin 5_000
+  # The longest `receive ... after`; longer waits are :infinity.
+  @max_wait 4_294_967_295
+  # What :infinity means to the native pool (30 years, as Tokio's own "far future").
+  @native_infinity 946_080_000_000
 
-  @type session_id :: String.t() | atom()
+  @type session_id :: String.t() | atom() | integer()
   @type reason :: term()
+  @type options :: keyword() | map()
 
   @doc false
   def default_name, do: __MODULE__
 
-  @doc "Starts the pool (a supervisor around the process that owns the native pool)."
-  @spec start_link(keyword()) :: Supervisor.on_start()
-  def start_link(opts \\ []) do
-    opts = Server.validate!(opts)
+  @doc """
+  Starts the pool: a process registered under `:name` (`Process.whereis(name)` is its pid)
+  that owns the native pool and its workers. Stopping it (`GenServer.stop(name)`, its
+  supervisor, or its death) stops every worker and frees the name.
 
-    case Supervisor.start_link(__MODULE__, opts, name: supervisor_name(opts[:name])) do
-      # Say why the pool could not start, not how supervisors nest.
-      {:error, {:shutdown, {:failed_to_start_child, Server, reason}}} -> {:error, reason}
-      other -> other
-    end
+  Under a supervisor (a parent that traps exits) the pool stops its workers before it exits,
+  within the child spec's `shutdown`; linked to a process that does not trap exits, it dies with
+  that process at once, as SessionPoolV2 did, and its workers stop in the background.
+
+  It answers `GenServer.call(name, :get_status)` (`get_pool_status/1`), `:get_pool_name`
+  (`get_pool_name_for/1`) and `:health_check` as SessionPoolV2's process did.
+  """
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    opts |> Server.validate!() |> Server.start_link()
   end
 
-  @doc false
+  @doc """
+  A child spec. `shutdown` gives the pool time to stop its workers: 10 s, or more with a
+  longer `:shutdown_grace` (`2 * shutdown_grace + 2_000`).
+  """
   def child_spec(opts) do
+    grace =
+      case Keyword.keyword?(opts) && Keyword.get(opts, :shutdown_grace, 2_000) do
+        grace when is_integer(grace) and grace >= 0 -> grace
+        _ -> 2_000
+      end
+
     %{
-      id: Keyword.get(opts, :name, __MODULE__),
+      id: (Keyword.keyword?(opts) && Keyword.get(opts, :name)) || __MODULE__,
       start: {__MODULE__, :start_link, [opts]},
-      type: :supervisor,
+      type: :worker,
       restart: :permanent,
-      shutdown: 10_000
+      shutdown: Server.shutdown_timeout(grace)
     }
   end
 
-  @impl Supervisor
-  def init(opts) do
-    Supervisor.init([{Server, opts}], strategy: :one_for_one, max_restarts: 3, max_seconds: 5)
+  @doc """
+  SessionPoolV2's name of the pool behind the process `name`: what DSPex code passes back as
+  the `:pool_name` call option. Calls accept it, as they accept `name` itself as `:pool`.
+  """
+  @spec get_pool_name_for(atom()) :: atom()
+  def get_pool_name_for(name \\ __MODULE__) when is_atom(name) do
+    case Server.fetch(name) do
+      {:ok, pool} -> Server.pool_name(pool.name)
+      {:error, _} -> GenServer.call(name, :get_pool_name)
+    end
   end
-
-  defp supervisor_name(name), do: :"#{name}.Supervisor"
 
   @doc """
   Runs `command` with `args` (a map) in session `session_id`; `args` gets `:session_id` added.
 
-  Options: `:pool` (name), `:pool_timeout` (wait for a worker, ms), `:timeout` (wait for the
-  reply, ms), `:affinity` (`:prefer` | `:strict`), `:retries` (how many times to run the
-  request again, on another worker, when its worker died mid-request; default 0: only for
-  commands that are safe to repeat, such as `execute_program`).
+  Options (a keyword list or a map):
+
+    * `:pool` or `:pool_name` - the pool's name, or what `get_pool_name_for/1` returned
+      (default: `#{inspect(__MODULE__)}`)
+    * `:pool_timeout` - wait for a worker, ms or `:infinity` (the pool's `:checkout_timeout`)
+    * `:timeout` - wait for the reply, ms or `:infinity` (the pool's `:operation_timeout`)
+    * `:affinity` - `:prefer` | `:strict`
+    * `:retries` (or `:max_retries`) - how many times to run the request again, on another
+      worker, when its worker died mid-request (the pool's `:retries`, default 0: use it only
+      for commands that are safe to repeat, such as `execute_program`)
+
+  Other keys are ignored, as SessionPoolV2 did. A bad option value raises `ArgumentError`
+  (`got: ...`) before anything is sent. Bad data returns an error: a command that is not an
+  atom or a UTF-8 string (`{:invalid_command, detail}`), a session id that is not a UTF-8
+  string, an atom or an integer (`{:invalid_session_id, detail}`), arguments that are not a map
+  or cannot be encoded (`{:invalid_args, detail}`).
   """
-  @spec execute_in_session(session_id(), atom() | String.t(), map(), keyword()) ::
+  @spec execute_in_session(session_id(), atom() | String.t(), map(), options()) ::
           {:ok, term()} | {:error, reason()}
   def execute_in_session(session_id, command, args, opts \\ []) do
-    session_id = to_string(session_id)
+    opts = call_options!(opts)
 
-    with {:ok, pool} <- Server.fetch(opts[:pool]),
-         :ok <- touch_session(pool.table, session_id),
-         {:ok, args} <- args_map(args) do
+    with {:ok, session_id} <- session_id(session_id),
+         {:ok, command_name} <- command(command),
+         {:ok, args} <- args_map(args),
+         {:ok, pool} <- Server.fetch(opts[:pool]) do
+      touch_session(session_id)
       args = Map.put(args, :session_id, session_id)
-      run(pool, session_mode(pool, session_id, opts), command, args, opts)
+      run(pool, session_mode(pool, session_id, opts), command, command_name, args, opts)
     end
   end
 
   @doc "Runs `command` with `args` on any worker, with no session. Options as `execute_in_session/4`."
-  @spec execute_anonymous(atom() | String.t(), map(), keyword()) ::
+  @spec execute_anonymous(atom() | String.t(), map(), options()) ::
           {:ok, term()} | {:error, reason()}
   def execute_anonymous(command, args, opts \\ []) do
-    with {:ok, pool} <- Server.fetch(opts[:pool]),
-         {:ok, args} <- args_map(args) do
-      run(pool, :anonymous, command, args, opts)
+    opts = call_options!(opts)
+
+    with {:ok, command_name} <- command(command),
+         {:ok, args} <- args_map(args),
+         {:ok, pool} <- Server.fetch(opts[:pool]) do
+      run(pool, :anonymous, command, command_name, args, opts)
     end
   end
 
-  defp run(pool, mode, command, args, opts) do
+  defp run(pool, mode, command, command_name, args, opts) do
     pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
     timeout = Keyword.get(opts, :timeout, pool.operation_timeout)
-    retries = Keyword.get(opts, :retries, 0)
+    retries = Keyword.get(opts, :retries, pool.retries)
     meta = %{pool: pool.name, command: command, mode: mode}
 
     Telemetry.span(pool.telemetry?, :call, meta, fn ->
-      run(pool, mode, command, args, pool_timeout, timeout, retries)
+      pool
+      |> run(mode, command_name, args, pool_timeout, timeout, retries)
+      |> hint(pool)
     end)
   end
 
   defp run(pool, mode, command, args, pool_timeout, timeout, retries) do
     ref = make_ref()
+    native_pool_timeout = native_ms(pool_timeout)
+    native_timeout = native_ms(timeout)
+    wait = wait_ms(pool_timeout, timeout)
 
     reply =
-      case Native.execute(pool.resource, ref, mode, command, args, pool_timeout, timeout) do
+      case Native.execute(
+             pool.resource,
+             ref,
+             mode,
+             command,
+             args,
+             native_pool_timeout,
+             native_timeout
+           ) do
         # The receive stays here, next to make_ref/0, so the VM skips older messages.
         :ok ->
           receive do
             {^ref, reply} -> reply
           after
-            pool_timeout + timeout + @reply_margin ->
-              {:error, {:timeout, "no reply within #{pool_timeout + timeout} ms"}}
+            wait ->
+              {:error,
+               {:timeout, "no reply within #{inspect(pool_timeout)} + #{inspect(timeout)} ms"}}
           end
 
         # Arguments too large to encode on a normal scheduler: a dirty one does it.
         :dirty ->
           pool.resource
-          |> Native.execute_dirty(ref, mode, command, args, pool_timeout, timeout)
+          |> Native.execute_dirty(ref, mode, command, args, native_pool_timeout, native_timeout)
           |> then(fn
-            :ok -> await(ref, pool_timeout + timeout)
+            :ok -> await(ref, wait)
             error -> error
           end)
 
@@ -203,19 +276,126 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
-  defp await(ref, ms) do
+  defp await(ref, wait) do
     receive do
       {^ref, reply} -> reply
     after
-      ms + @reply_margin -> {:error, {:timeout, "no reply within #{ms} ms"}}
+      wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
+    end
+  end
+
+  # Without a venv, the first errors say how to set one up.
+  defp hint({:error, reason}, %{setup_hint: hint} = pool) when is_binary(hint),
+    do: {:error, Server.with_hint(reason, pool)}
+
+  defp hint(reply, _pool), do: reply
+
+  defp native_ms(:infinity), do: @native_infinity
+  defp native_ms(ms), do: ms
+
+  # How long a caller waits for the reply Rust always sends by its own deadlines.
+  defp wait_ms(a, b) when a == :infinity or b == :infinity, do: :infinity
+
+  defp wait_ms(a, b) do
+    case a + b + @reply_margin do
+      ms when ms > @max_wait -> :infinity
+      ms -> ms
     end
   end
 
   defp args_map(args) when is_map(args), do: {:ok, args}
-  defp args_map(args) when is_list(args), do: {:ok, Map.new(args)}
 
-  defp args_map(args),
-    do: {:error, {:invalid_args, "args must be a map, got: #{inspect(args)}"}}
+  defp args_map(args) when is_list(args) do
+    if Keyword.keyword?(args), do: {:ok, Map.new(args)}, else: invalid_args(args)
+  end
+
+  defp args_map(args), do: invalid_args(args)
+
+  defp invalid_args(args),
+    do: {:error, {:invalid_args, "args must be a map or a keyword list, got: #{inspect(args)}"}}
+
+  defp command(command) when is_atom(command) and command != nil,
+    do: {:ok, Atom.to_string(command)}
+
+  defp command(command) when is_binary(command) and command != "" do
+    if String.valid?(command), do: {:ok, command}, else: invalid_command(command)
+  end
+
+  defp command(command), do: invalid_command(command)
+
+  defp invalid_command(command) do
+    {:error,
+     {:invalid_command,
+      "expected the command to be an atom or a non-empty UTF-8 string, got: #{inspect(command)}"}}
+  end
+
+  @doc false
+  def session_id(id) when is_binary(id) and id != "" do
+    if String.valid?(id), do: {:ok, id}, else: invalid_session_id(id)
+  end
+
+  def session_id(id) when is_atom(id) and id != nil, do: {:ok, Atom.to_string(id)}
+  def session_id(id) when is_integer(id), do: {:ok, Integer.to_string(id)}
+  def session_id(id), do: invalid_session_id(id)
+
+  defp invalid_session_id(id) do
+    {:error,
+     {:invalid_session_id,
+      "expected a session id to be a non-empty UTF-8 string, an atom or an integer, got: #{inspect(id)}"}}
+  end
+
+  # Call options: a keyword list or a map (SessionPoolV2 took both); values checked before
+  # anything is sent; `:pool_name` and `:max_retries` are SessionPoolV2's names.
+  defp call_options!(opts) when is_map(opts), do: opts |> Map.to_list() |> call_options!()
+
+  defp call_options!(opts) when is_list(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError,
+            "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+    end
+
+    Enum.reduce(opts, [], fn
+      {key, value}, acc when key in [:pool, :pool_name] ->
+        if value != nil and not is_atom(value),
+          do: bad_option!(key, value, "a pool name (an atom)")
+
+        if value == nil or Keyword.has_key?(acc, :pool), do: acc, else: [{:pool, value} | acc]
+
+      {key, value}, acc when key in [:pool_timeout, :timeout] ->
+        if Server.timeout?(value),
+          do: [{key, value} | acc],
+          else: bad_option!(key, value, "a timeout in ms (0..4294967295) or :infinity")
+
+      {:affinity, value}, acc ->
+        if value in [:prefer, :strict],
+          do: [{:affinity, value} | acc],
+          else: bad_option!(:affinity, value, ":prefer or :strict")
+
+      {key, value}, acc when key in [:retries, :max_retries] ->
+        cond do
+          not (is_integer(value) and value >= 0) ->
+            bad_option!(key, value, "a non-negative integer")
+
+          Keyword.has_key?(acc, :retries) ->
+            acc
+
+          true ->
+            [{:retries, value} | acc]
+        end
+
+      _ignored, acc ->
+        acc
+    end)
+  end
+
+  defp call_options!(opts) do
+    raise ArgumentError,
+          "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+  end
+
+  defp bad_option!(key, value, expected) do
+    raise ArgumentError, "expected #{inspect(key)} to be #{expected}, got: #{inspect(value)}"
+  end
 
   defp session_mode(pool, session_id, opts) do
     case Keyword.get(opts, :affinity, pool.affinity) do
@@ -230,16 +410,28 @@ defmodule DSPex.PythonBridge.NativePool do
   Checks out a worker for the calling process: `mode` is `:anonymous` or `{:session, id}`.
 
   The checkout is monitored: if the calling process exits, or drops the checkout, the worker
-  goes back to the pool (and is recycled if a request was in flight). Options: `:pool`,
-  `:pool_timeout`, `:affinity`.
+  goes back to the pool (and is recycled if a request was in flight). Options: `:pool`
+  (`:pool_name`), `:pool_timeout`, `:affinity`.
   """
-  @spec checkout(:anonymous | {:session, session_id()}, keyword()) ::
+  @spec checkout(:anonymous | {:session, session_id()}, options()) ::
           {:ok, Checkout.t()} | {:error, reason()}
   def checkout(mode, opts \\ []) do
-    case Server.fetch(opts[:pool]) do
-      {:ok, pool} -> checkout(pool, mode, opts)
-      error -> error
+    opts = call_options!(opts)
+
+    with {:ok, mode} <- checkout_mode(mode),
+         {:ok, pool} <- Server.fetch(opts[:pool]) do
+      checkout(pool, mode, opts)
     end
+  end
+
+  defp checkout_mode(:anonymous), do: {:ok, :anonymous}
+
+  defp checkout_mode({:session, id}) do
+    with {:ok, id} <- session_id(id), do: {:ok, {:session, id}}
+  end
+
+  defp checkout_mode(mode) do
+    {:error, {:invalid_mode, "expected :anonymous or {:session, id}, got: #{inspect(mode)}"}}
   end
 
   defp checkout(pool, mode, opts) do
@@ -251,13 +443,12 @@ defmodule DSPex.PythonBridge.NativePool do
           {:anonymous, nil}
 
         {:session, id} ->
-          id = to_string(id)
-          touch_session(pool.table, id)
+          touch_session(id)
           {session_mode(pool, id, opts), id}
       end
 
     Telemetry.span(pool.telemetry?, :checkout, %{pool: pool.name, mode: native_mode}, fn ->
-      wait_checkout(pool, native_mode, session_id, pool_timeout)
+      pool |> wait_checkout(native_mode, session_id, pool_timeout) |> hint(pool)
     end)
   end
 
@@ -265,7 +456,7 @@ defmodule DSPex.PythonBridge.NativePool do
     ref = make_ref()
     checkout = &%Checkout{lease: &1, pool: pool, session_id: session_id}
 
-    case Native.checkout(pool.resource, ref, native_mode, pool_timeout) do
+    case Native.checkout(pool.resource, ref, native_mode, native_ms(pool_timeout)) do
       {:ok, lease} ->
         {:ok, checkout.(lease)}
 
@@ -274,7 +465,7 @@ defmodule DSPex.PythonBridge.NativePool do
           {^ref, :ok} -> {:ok, checkout.(lease)}
           {^ref, {:error, _} = error} -> error
         after
-          pool_timeout + @reply_margin ->
+          wait_ms(pool_timeout, 0) ->
             Native.checkin(lease)
             {:error, {:pool_timeout, "no worker became available within #{pool_timeout} ms"}}
         end
@@ -286,30 +477,33 @@ defmodule DSPex.PythonBridge.NativePool do
 
   @doc """
   Runs a command on a checked-out worker. A session checkout adds `:session_id` to `args`.
-  Options: `:timeout`.
+  Options: `:timeout` (ms or `:infinity`). Errors as `execute_in_session/4`.
   """
-  @spec call(Checkout.t(), atom() | String.t(), map(), keyword()) ::
+  @spec call(Checkout.t(), atom() | String.t(), map(), options()) ::
           {:ok, term()} | {:error, reason()}
   def call(%Checkout{} = checkout, command, args, opts \\ []) do
+    opts = call_options!(opts)
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
 
-    with {:ok, args} <- args_map(args) do
+    with {:ok, command} <- command(command),
+         {:ok, args} <- args_map(args) do
       args =
         if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
 
       ref = make_ref()
+      wait = wait_ms(timeout, 0)
 
-      case Native.call(checkout.lease, ref, command, args, timeout) do
+      case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
         :ok ->
           receive do
             {^ref, reply} -> reply
           after
-            timeout + @reply_margin -> {:error, {:timeout, "no reply within #{timeout} ms"}}
+            wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
           end
 
         :dirty ->
-          case Native.call_dirty(checkout.lease, ref, command, args, timeout) do
-            :ok -> await(ref, timeout)
+          case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
+            :ok -> await(ref, wait)
             error -> error
           end
 
@@ -327,7 +521,7 @@ defmodule DSPex.PythonBridge.NativePool do
   Checks out a worker, runs `fun.(checkout)` and checks it in, even if `fun` raises.
   Returns `fun`'s result, or `{:error, reason}` when no worker could be had.
   """
-  @spec with_checkout(:anonymous | {:session, session_id()}, (Checkout.t() -> result), keyword()) ::
+  @spec with_checkout(:anonymous | {:session, session_id()}, (Checkout.t() -> result), options()) ::
           result | {:error, reason()}
         when result: term()
   def with_checkout(mode, fun, opts \\ []) when is_function(fun, 1) do
@@ -341,45 +535,48 @@ defmodule DSPex.PythonBridge.NativePool do
   end
 
   # ---- sessions ------------------------------------------------------------------------
+  # One table for every pool, as SessionPoolV2's: tracking works with no pool running.
 
-  @doc "Starts tracking a session (ETS; no process round trip)."
-  @spec track_session(session_id(), keyword()) :: :ok
-  def track_session(session_id, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-    now = System.monotonic_time(:millisecond)
-    :ets.insert_new(pool.table, {to_string(session_id), now, now, 0})
-    :ok
+  @doc "Starts tracking a session (ETS; no process round trip; no pool needed)."
+  @spec track_session(session_id()) :: :ok | {:error, reason()}
+  def track_session(session_id) do
+    with {:ok, session_id} <- session_id(session_id) do
+      now = System.monotonic_time(:millisecond)
+      :ets.insert_new(Registry.sessions(), {session_id, now, now, 0})
+      :ok
+    end
   end
 
   @doc "Records activity on a session, tracking it if new."
-  @spec update_session_activity(session_id(), keyword()) :: :ok
-  def update_session_activity(session_id, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-    touch_session(pool.table, to_string(session_id))
+  @spec update_session_activity(session_id()) :: :ok | {:error, reason()}
+  def update_session_activity(session_id) do
+    with {:ok, session_id} <- session_id(session_id), do: touch_session(session_id)
   end
 
-  defp touch_session(table, session_id) do
+  defp touch_session(session_id) do
+    table = Registry.sessions()
     now = System.monotonic_time(:millisecond)
     :ets.update_counter(table, session_id, {4, 1}, {session_id, now, now, 0})
     :ets.update_element(table, session_id, {3, now})
     :ok
   end
 
-  @doc "Ends a session: forgets it, and frees its programs in every worker that holds them."
-  @spec end_session(session_id(), keyword()) :: :ok
-  def end_session(session_id, opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-    session_id = to_string(session_id)
-    :ets.delete(pool.table, session_id)
-    Native.end_session(pool.resource, session_id)
+  @doc """
+  Ends a session: forgets it, and frees its programs in every worker of every running pool
+  that holds them.
+  """
+  @spec end_session(session_id()) :: :ok | {:error, reason()}
+  def end_session(session_id) do
+    with {:ok, session_id} <- session_id(session_id) do
+      :ets.delete(Registry.sessions(), session_id)
+      Enum.each(Registry.pools(), &Native.end_session(&1, session_id))
+    end
   end
 
   @doc "Lists tracked sessions as `%{session_id:, started_at:, last_activity:, operations:}`."
-  @spec get_session_info(keyword()) :: [map()]
-  def get_session_info(opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-
-    for {id, started, last, ops} <- :ets.tab2list(pool.table) do
+  @spec get_session_info() :: [map()]
+  def get_session_info do
+    for {id, started, last, ops} <- :ets.tab2list(Registry.sessions()) do
       %{session_id: id, started_at: started, last_activity: last, operations: ops}
     end
   end
@@ -387,34 +584,55 @@ defmodule DSPex.PythonBridge.NativePool do
   # ---- status --------------------------------------------------------------------------
 
   @doc """
-  The pool's state: SessionPoolV2's keys (`pool_size`, `max_overflow`, `active_sessions`,
-  `sessions`, `uptime_ms`) plus live worker counts (`ready`, `busy`, `starting`, `overflow`),
-  `queued_callers`, `worker_pids`, `last_start_error` and `counters`.
-  """
-  @spec get_pool_status(keyword()) :: map()
-  def get_pool_status(opts \\ []) do
-    pool = Server.fetch!(opts[:pool])
-    sessions = get_session_info(opts)
+  The state of the pool `name` (or of `[pool: name]`): SessionPoolV2's keys (`pool_size`,
+  `max_overflow`, `active_sessions`, `sessions`, `uptime_ms`, `session_affinity`) plus live
+  worker counts (`ready`, `busy`, `starting`, `overflow`), `queued_callers`, `worker_pids`,
+  `last_start_error` and `counters`.
 
-    pool.resource
-    |> Native.status()
-    |> Map.merge(%{
+  `session_affinity` is `%{}`, as SessionPoolV2's with its basic workers; with
+  `worker_module: DSPex.PythonBridge.PoolWorkerV2Enhanced` it holds the pool's affinity mode and
+  how many sessions were re-created on another worker (`%{mode:, restores:}`).
+  Raises `ArgumentError` when no such pool is running.
+  """
+  @spec get_pool_status(atom() | options()) :: map()
+  def get_pool_status(name_or_opts \\ [])
+
+  def get_pool_status(name) when is_atom(name), do: get_pool_status(pool: name)
+
+  def get_pool_status(opts) do
+    pool = Server.fetch!(call_options!(opts)[:pool])
+    sessions = get_session_info()
+    status = Native.status(pool.resource)
+
+    affinity =
+      if pool.affinity_stats?,
+        do: %{mode: pool.affinity, restores: status.counters.restores},
+        else: %{}
+
+    Map.merge(status, %{
       active_sessions: length(sessions),
       sessions: sessions,
-      uptime_ms: System.monotonic_time(:millisecond) - pool.started_at
+      uptime_ms: System.monotonic_time(:millisecond) - pool.started_at,
+      session_affinity: affinity
     })
   end
 
   @doc """
   Pings every worker that is free (each on its own checkout; at least one, waiting for it if
-  all are busy) and checks that workers can start.
+  all are busy) and checks that workers can start. Takes a pool name, or options.
 
   Returns `{:ok, :healthy}` or `{:error, {:unhealthy, reason}}`, where `reason` is the first
   failure (for example `{:checkout_failed, "no worker could be started: ..."}`).
-  Options: `:pool`, `:timeout` (per ping and per wait for a worker, default 5_000).
+  Options: `:pool` (`:pool_name`), `:timeout` (per ping and per wait for a worker, default 5_000).
   """
-  @spec health_check(keyword()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
-  def health_check(opts \\ []) do
+  @spec health_check(atom() | options()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
+  def health_check(name_or_opts \\ [])
+
+  def health_check(name) when is_atom(name), do: health_check(pool: name)
+
+  def health_check(opts) do
+    opts = call_options!(opts)
+
     case Server.fetch(opts[:pool]) do
       {:ok, _} -> check_health(opts)
       {:error, reason} -> {:error, {:unhealthy, reason}}

@@ -350,6 +350,7 @@ impl Shared {
                     Action::Started(wid, pid, ms) => self.events.worker_started(wid, pid, ms),
                     Action::Exited(wid, reason) => self.events.worker_exited(wid, reason),
                     Action::Stopped => {
+                        self.spawner.shutdown();
                         self.events.stopped();
                         // The timer task sees the pool finished and ends.
                         self.wake.notify_one();

@@ -39,6 +39,10 @@ pub struct Spawned {
 /// Starts workers. Called on a Tokio worker thread.
 pub trait Spawner: Send + Sync + 'static {
     fn spawn(&self, worker_id: u64) -> io::Result<Spawned>;
+
+    /// The pool has stopped and every worker has exited: release what the spawner holds
+    /// (the fork server) now rather than when the last reference to the pool is dropped.
+    fn shutdown(&self) {}
 }
 
 /// The live side of a worker that the pool writes to.
@@ -304,6 +308,10 @@ impl Spawner for PythonSpawner {
             Ok(handle) => tokio::task::block_in_place(|| handle.block_on(fork)),
             Err(_) => crate::runtime::handle().block_on(fork),
         }
+    }
+
+    fn shutdown(&self) {
+        self.server.close();
     }
 }
 

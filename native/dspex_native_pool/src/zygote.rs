@@ -88,6 +88,8 @@ pub struct ForkServer {
     me: std::sync::Weak<ForkServer>,
     seq: AtomicU64,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Set once the pool has stopped: no helper is started or restarted after that.
+    closed: AtomicBool,
 }
 
 impl ForkServer {
@@ -102,7 +104,18 @@ impl ForkServer {
             seq: AtomicU64::new(1),
             log: Arc::new(Mutex::new(VecDeque::new())),
             live: Mutex::new(None),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// The pool has stopped: end the helper now (EOF on its control socket; it kills any worker
+    /// still running) and start none again. Idempotent.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(h) = self.live.lock().unwrap().take() {
+            // SAFETY: shutdown on a socket the helper owns and keeps open.
+            unsafe { libc::shutdown(h.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     /// The helper's pid and the mode it serves in, starting it if needed.
@@ -113,6 +126,9 @@ impl ForkServer {
 
     async fn helper(&self) -> io::Result<Arc<Helper>> {
         let mut cur = self.current.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the pool has stopped"));
+        }
         if let Some(h) = &cur.last {
             if h.alive.load(Ordering::SeqCst) {
                 return Ok(h.clone());
@@ -134,6 +150,10 @@ impl ForkServer {
             Ok(h) => {
                 cur.last = Some(h.clone());
                 *self.live.lock().unwrap() = Some(h.clone());
+                if self.closed.load(Ordering::SeqCst) {
+                    // Closed while this one started: end it too.
+                    self.close();
+                }
                 Ok(h)
             }
             Err(e) => {
@@ -340,10 +360,7 @@ impl Drop for ForkServer {
     /// The pool is gone: EOF on its control socket ends the helper (which kills any worker
     /// still running) and the task reading the socket.
     fn drop(&mut self) {
-        if let Some(h) = self.live.lock().unwrap().take() {
-            // SAFETY: shutdown on a socket the helper owns and keeps open.
-            unsafe { libc::shutdown(h.sock.as_raw_fd(), libc::SHUT_RDWR) };
-        }
+        self.close();
     }
 }
 

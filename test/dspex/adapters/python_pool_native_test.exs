@@ -30,7 +30,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
   setup %{pool: pool} do
     session = "session_#{System.unique_integer([:positive])}"
-    on_exit(fn -> Adapter.end_session(session, pool: pool) end)
+    on_exit(fn -> Adapter.end_session(session) end)
     %{session: session, opts: %{pool: pool, session_id: session}}
   end
 
@@ -117,7 +117,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       assert {:error, "Program not found: qa"} = Adapter.execute_program("qa", %{}, opts)
     end
 
-    test "errors keep V2's shapes", %{opts: opts, pool: pool} do
+    test "errors keep V2's shapes", %{opts: opts} do
       create!(opts, %{id: "qa", signature: @qa})
 
       # Unknown programs: Python's message.
@@ -157,7 +157,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
         assert Adapter.list_programs(bad_opts) == no_session
       end
 
-      refute Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id in ["", nil]))
+      refute Enum.any?(Adapter.get_session_info(), &(&1.session_id in ["", nil]))
 
       # Arguments JSON cannot hold: the pool's reason, nothing sent.
       assert {:error, {:invalid_args, _}} =
@@ -175,7 +175,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       pool: pool
     } do
       anonymous = %{pool: pool}
-      on_exit(fn -> Adapter.end_session("anonymous", pool: pool) end)
+      on_exit(fn -> Adapter.end_session("anonymous") end)
       id = create!(anonymous, %{signature: @qa})
 
       assert {:ok, %{"outputs" => %{"answer" => _}}} =
@@ -210,6 +210,70 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
     end
   end
 
+  describe "V2's API" do
+    test "V2's pool-name routes: with_pool_name/1, session_adapter/2, configure_lm/2", %{
+      session: session,
+      pool: pool
+    } do
+      pool_name = NativePool.get_pool_name_for(pool)
+      assert pool_name == :"#{pool}_pool"
+      adapter = Adapter.with_pool_name(pool_name)
+
+      assert :ok = adapter.configure_lm.(%{provider: "dummy"})
+      assert :ok = Adapter.configure_lm(%{provider: "dummy"}, %{pool_name: pool_name})
+      assert :ok = adapter.health_check.()
+      assert {:ok, %{pool_status: %{pool_size: @pool_size}}} = adapter.get_stats.()
+
+      {:ok, id} = adapter.create_program.(%{signature: @qa, session_id: session})
+
+      assert {:ok, %{"outputs" => %{"answer" => answer}}} =
+               adapter.execute_program.(id, %{question: "named"}, %{session_id: session})
+
+      assert answer == answer_for("named")
+
+      bound = adapter.session_adapter.(session)
+      assert bound.session_id == session
+      assert {:ok, [^id]} = bound.list_programs.()
+      assert {:ok, %{session_id: ^session}} = bound.get_program_info.(id)
+      assert {:ok, [^id]} = Adapter.session_adapter(session, pool_name).list_programs.()
+      assert {:ok, [^id]} = Adapter.session_adapter(session, pool).list_programs.()
+      assert :ok = bound.delete_program.(id)
+      assert {:ok, []} = adapter.list_programs.()
+    end
+
+    test "every public function of PythonPoolV2 exists with every arity" do
+      v2 = [
+        create_program: 1,
+        execute_program: 2,
+        execute_program: 3,
+        list_programs: 0,
+        list_programs: 1,
+        delete_program: 1,
+        delete_program: 2,
+        get_program_info: 1,
+        get_program_info: 2,
+        health_check: 0,
+        health_check: 1,
+        get_stats: 0,
+        get_stats: 1,
+        configure_lm: 1,
+        configure_lm: 2,
+        supports_test_layer?: 1,
+        get_test_capabilities: 0,
+        start_session: 1,
+        start_session: 2,
+        end_session: 1,
+        get_session_info: 0,
+        session_adapter: 1,
+        session_adapter: 2,
+        with_pool_name: 1
+      ]
+
+      missing = for {f, a} <- v2, not function_exported?(Adapter, f, a), do: {f, a}
+      assert missing == []
+    end
+  end
+
   describe "sessions" do
     test "100 concurrent sessions, 3 programs each executed 10 times, see only their own programs",
          %{pool: pool} do
@@ -229,8 +293,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
     end
 
     test "a session's programs and LM survive the death of the worker that holds them", %{
-      opts: opts,
-      pool: pool
+      opts: opts
     } do
       id = create!(opts, %{signature: @qa, program_type: "chain_of_thought"})
 
@@ -252,7 +315,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
       # Other sessions keep the global LM.
       other = %{opts | session_id: opts.session_id <> "_other"}
-      on_exit(fn -> Adapter.end_session(other.session_id, pool: pool) end)
+      on_exit(fn -> Adapter.end_session(other.session_id) end)
       other_id = create!(other, %{signature: @qa})
 
       assert {:ok, %{"outputs" => %{"answer" => answer}}} =
@@ -267,7 +330,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       session: session
     } do
       {:ok, ^session} = Adapter.start_session(session, pool: pool)
-      assert Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id == session))
+      assert Enum.any?(Adapter.get_session_info(), &(&1.session_id == session))
       id = create!(opts, %{signature: @qa})
       home = session_worker_pid(opts)
 
@@ -291,8 +354,8 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
 
       assert Enum.count(holders, & &1) == 2
 
-      assert :ok = Adapter.end_session(session, pool: pool)
-      refute Enum.any?(Adapter.get_session_info(pool: pool), &(&1.session_id == session))
+      assert :ok = Adapter.end_session(session)
+      refute Enum.any?(Adapter.get_session_info(), &(&1.session_id == session))
 
       eventually(fn ->
         on_every_worker(pool, fn c ->
@@ -345,7 +408,14 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
       assert :ok = Adapter.health_check(pool: pool)
 
       assert {:ok, stats} = Adapter.get_stats(%{pool: pool})
-      assert %{adapter_type: :python_pool_native, layer: :production, session_stats: %{}} = stats
+
+      assert %{
+               adapter_type: :python_pool_v2,
+               implementation: :dspex_native_pool,
+               layer: :production,
+               session_stats: %{}
+             } = stats
+
       assert %{pool_size: @pool_size, ready: _, busy: _, sessions: _} = stats.pool_status
 
       create!(opts, %{signature: @qa})
@@ -401,7 +471,7 @@ defmodule DSPex.Adapters.PythonPoolNativeTest do
         other -> [other]
       end
 
-    Adapter.end_session(opts.session_id, pool: pool)
+    Adapter.end_session(opts.session_id)
     List.flatten(executions) ++ Enum.map(listed, &{opts.session_id, :list_programs, &1})
   end
 end

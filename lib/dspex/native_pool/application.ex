@@ -1,0 +1,12 @@
+defmodule DSPex.NativePool.Application do
+  @moduledoc false
+  use Application
+
+  @impl true
+  def start(_type, _args) do
+    Supervisor.start_link([DSPex.NativePool.Registry],
+      strategy: :one_for_one,
+      name: DSPex.NativePool.Supervisor
+    )
+  end
+end

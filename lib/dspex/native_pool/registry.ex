@@ -1,0 +1,94 @@
+defmodule DSPex.NativePool.Registry do
+  @moduledoc false
+  # The application's one process. It owns the global session table (sessions are global, as
+  # in SessionPoolV2: tracking works with no pool running) and publishes running pools in
+  # :persistent_term for callers. Every publish and unpublish goes through here, so they are
+  # ordered; and it monitors each pool's owner: when an owner dies without cleaning up (killed),
+  # its entries are erased and its native pool stopped, so no pool outlives its owner and a
+  # name re-used by a new owner is never erased by the old one's death.
+
+  use GenServer
+
+  alias DSPex.NativePool.Native
+
+  @sessions :dspex_native_pool_sessions
+
+  def start_link(_opts), do: GenServer.start_link(__MODULE__, :ok, name: __MODULE__)
+
+  @doc "The global session table, starting the application if it is not (a script, `-pa`)."
+  def sessions do
+    if :ets.whereis(@sessions) == :undefined, do: ensure_started()
+    @sessions
+  end
+
+  @doc "Starts `:dspex_native_pool` (this process) when it is not running."
+  def ensure_started do
+    if Process.whereis(__MODULE__) == nil do
+      {:ok, _} = Application.ensure_all_started(:dspex_native_pool)
+    end
+
+    :ok
+  end
+
+  @doc "Publishes `pool` under each of `names` for callers, owned by the calling process."
+  def publish(names, pool), do: GenServer.call(__MODULE__, {:publish, self(), names, pool})
+
+  @doc "Erases what the calling process published; its native pool is the caller's to stop."
+  def unpublish, do: GenServer.call(__MODULE__, {:unpublish, self()})
+
+  @doc "The resources of every running pool."
+  def pools, do: GenServer.call(__MODULE__, :pools)
+
+  @impl true
+  def init(:ok) do
+    :ets.new(@sessions, [
+      :set,
+      :public,
+      :named_table,
+      read_concurrency: true,
+      write_concurrency: true
+    ])
+
+    # owners: pid => {monitor, names, resource}; names: name => pid
+    {:ok, %{owners: %{}, names: %{}}}
+  end
+
+  @impl true
+  def handle_call({:publish, pid, names, pool}, _from, state) do
+    monitor = Process.monitor(pid)
+    Enum.each(names, &:persistent_term.put({DSPex.PythonBridge.NativePool, &1}, pool))
+
+    state = %{
+      owners: Map.put(state.owners, pid, {monitor, names, pool.resource}),
+      names: Enum.reduce(names, state.names, &Map.put(&2, &1, pid))
+    }
+
+    {:reply, :ok, state}
+  end
+
+  def handle_call({:unpublish, pid}, _from, state) do
+    {:reply, :ok, forget(state, pid, false)}
+  end
+
+  def handle_call(:pools, _from, state) do
+    {:reply, for({_, {_, _, resource}} <- state.owners, do: resource), state}
+  end
+
+  @impl true
+  def handle_info({:DOWN, _, :process, pid, _}, state), do: {:noreply, forget(state, pid, true)}
+
+  defp forget(state, pid, stop?) do
+    case Map.pop(state.owners, pid) do
+      {nil, _} ->
+        state
+
+      {{monitor, names, resource}, owners} ->
+        Process.demonitor(monitor, [:flush])
+        # A name taken over by a newer owner stays with it.
+        mine = Enum.filter(names, &(Map.get(state.names, &1) == pid))
+        Enum.each(mine, &:persistent_term.erase({DSPex.PythonBridge.NativePool, &1}))
+        if stop?, do: Native.pool_stop(resource)
+        %{owners: owners, names: Map.drop(state.names, mine)}
+    end
+  end
+end
