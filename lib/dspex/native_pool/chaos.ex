@@ -1024,6 +1024,7 @@ defmodule DSPex.NativePool.Chaos do
 
     pool = [
       {"pool: worker starts", status.counters[:worker_starts]},
+      {"pool: start failures", status.counters[:start_failures]},
       {"pool: recycled", status.counters[:recycled]},
       {"pool: timeouts", status.counters[:timeouts]},
       {"distinct worker pids seen", r.after_stop.workers_seen}
