@@ -358,7 +358,7 @@ defmodule DSPex.NativePool.Chaos do
     case {reason, :ets.take(ctx.counts, {:killing, pid})} do
       {:killed, [_]} -> bump(ctx, :callers_killed_holding)
       {:normal, _} -> :ok
-      _ -> bump(ctx, :raised)
+      _ -> bump(ctx, :raised) && example(ctx, {:caller_crashed, reason})
     end
   end
 
@@ -824,16 +824,18 @@ defmodule DSPex.NativePool.Chaos do
     helper_stat = helper && proc_stat(helper)
     helper_alive = match?(%{state: s} when s != "Z", helper_stat)
     helper_zombie = match?(%{state: "Z"}, helper_stat)
+    # The VM's own children are the pools' helpers and erl_child_setup: none may stay unreaped.
+    beam_zombies = for {pid, "Z"} <- children_of(ctx.beam), do: pid
     seen_set = MapSet.new(seen)
 
     orphans = for {pid, pgid, _} <- marked_processes(ctx.run_id), do: {pid, pgid in seen_set}
 
-    if (orphans == [] and not helper_alive and not helper_zombie) or
+    if (orphans == [] and not helper_alive and beam_zombies == []) or
          System.monotonic_time(:millisecond) > deadline do
       %{
         orphans: describe(Enum.map(orphans, &elem(&1, 0))),
         helper_alive: helper_alive or helper_zombie,
-        zombies: if(helper_zombie, do: 1, else: 0),
+        zombies: length(beam_zombies),
         workers_seen: length(seen)
       }
     else
