@@ -162,7 +162,7 @@ defmodule DSPex.NativePool.Chaos do
       after_stop: after_stop,
       status: Map.drop(status, [:sessions]),
       samples: Enum.reverse(ctx.samples),
-      wrong_examples: examples(ctx)
+      examples: examples(ctx)
     }
   end
 
@@ -229,7 +229,6 @@ defmodule DSPex.NativePool.Chaos do
   defp chaos(ctx) do
     opts = ctx.opts
     callers = for i <- 1..opts.callers, into: %{}, do: spawn_caller(ctx, i)
-    now = System.monotonic_time(:millisecond)
     Process.send_after(self(), :kill_worker, opts.kill_every)
     Process.send_after(self(), :kill_caller, opts.caller_kill_every)
 
@@ -243,7 +242,7 @@ defmodule DSPex.NativePool.Chaos do
     end
 
     Process.send_after(self(), :end, opts.duration_ms)
-    state = %{callers: callers, next_id: opts.callers + 1, stopped: nil, started: now}
+    state = %{callers: callers, next_id: opts.callers + 1, stopped: nil}
     state = chaos_loop(ctx, state)
     finish_callers(ctx, state.callers)
     ctx
@@ -748,8 +747,11 @@ defmodule DSPex.NativePool.Chaos do
 
   defp bump(ctx, key), do: :ets.update_counter(ctx.counts, key, 1, {key, 0})
 
+  # The first three problems of each kind, for the report.
   defp example(ctx, what) do
-    if :ets.update_counter(ctx.counts, :examples, 1, {:examples, 0}) <= 10,
+    key = {:examples, elem(what, 0)}
+
+    if :ets.update_counter(ctx.counts, key, 1, {key, 0}) <= 3,
       do: :ets.insert(ctx.counts, {{:example, System.unique_integer([:monotonic])}, what})
 
     true
@@ -1102,12 +1104,12 @@ defmodule DSPex.NativePool.Chaos do
   defp mb(bytes), do: "#{Float.round(bytes / 1_048_576, 1)} MB"
   defp kb(bytes), do: "#{Float.round(bytes / 1024, 1)} kB"
 
-  defp examples_text(%{wrong_examples: []}), do: []
+  defp examples_text(%{examples: []}), do: []
 
   defp examples_text(r) do
     [
       "\nfirst problems seen:\n"
-      | Enum.map(r.wrong_examples, &["  ", inspect(&1, limit: 30), "\n"])
+      | Enum.map(r.examples, &["  ", inspect(&1, limit: 30), "\n"])
     ]
   end
 
