@@ -8,6 +8,9 @@ wrong id) so every failure path of the pool can be exercised.
 
     python test_worker.py [--worker-id ID] [--mode pool-worker]
 
+A successful reply to a request whose args hold "nonce" carries that nonce in its result
+(when the result is an object), so a caller can check the reply is its own.
+
 Environment knobs:
   TEST_WORKER_FAIL_ON_START=1     traceback, exit 1, never answers
   TEST_WORKER_START_DELAY_MS=n    sleep before serving
@@ -392,6 +395,8 @@ class Worker:
         handler: Callable[..., Any] = getattr(self, command)
         try:
             result = handler(args, flight) if command in self.THREADED else handler(args)
+            if isinstance(result, dict) and "nonce" in args:
+                result = {**result, "nonce": args["nonce"]}  # so a caller can check the reply is its own
             return encode({"id": rid, "success": True, "result": result})
         except Reply as reply:
             return reply.body
