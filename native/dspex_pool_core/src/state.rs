@@ -36,6 +36,9 @@ pub(crate) enum Status {
     Failing,
     Idle,
     Leased(LeaseId),
+    /// Running execute requests of several leases at once (a worker whose capacity is over 1;
+    /// checkouts still lease a worker to themselves).
+    Shared,
     /// Running internal commands (init, restore, cleanup) with no lease.
     Chores,
     /// Asked to shut down (stop, idle retirement); waiting for its exit.
@@ -47,6 +50,8 @@ pub(crate) enum Status {
 #[derive(Debug)]
 pub(crate) enum PendingKind {
     Handshake,
+    /// A heartbeat ping to a v2 worker whose requests take long.
+    Heartbeat,
     Chore,
     Restore {
         session: Arc<str>,
@@ -83,8 +88,15 @@ pub(crate) struct Worker {
     pub pid: Option<u32>,
     /// Passed its start-up ping: failures from now on are recycling, not start failures.
     pub started: bool,
-    /// Requests it may run at once (`worker_concurrency`); 1 until protocol v2.
+    /// Requests it may run at once: 1 until its handshake announces protocol v2, then the
+    /// smaller of its announced concurrency and `worker_concurrency`.
     pub capacity: u32,
+    /// Speaks protocol v2 (replies matched by id, control frames, heartbeat).
+    pub v2: bool,
+    /// When it last sent a frame, or when its first request of a busy spell was sent (v2).
+    pub last_heard: Instant,
+    /// Its armed [`Timer::Heartbeat`] deadline.
+    pub heartbeat: Option<Instant>,
     /// Requests sent and not answered, by id (ids grow, so the first is the oldest).
     pub inflight: BTreeMap<RequestId, Pending>,
     /// The generation of each session's state this worker holds.
@@ -107,8 +119,24 @@ impl Worker {
     pub fn usable(&self) -> bool {
         matches!(
             self.status,
-            Status::Idle | Status::Leased(_) | Status::Chores
+            Status::Idle | Status::Leased(_) | Status::Shared | Status::Chores
         )
+    }
+
+    /// Callers' requests in flight.
+    pub fn callers_in_flight(&self) -> usize {
+        self.inflight.len() - self.chores_in_flight()
+    }
+
+    /// Can take one more execute request now: idle, or shared with room and no chores due.
+    pub fn has_room(&self) -> bool {
+        match self.status {
+            Status::Idle => true,
+            Status::Shared => {
+                self.chores.is_empty() && self.callers_in_flight() < self.capacity as usize
+            }
+            _ => false,
+        }
     }
 
     /// On its way to serving.
@@ -243,6 +271,7 @@ impl<R> Core<R> {
                 request,
                 reply,
             } => Outcome::Called(self.call(lease, request, reply, now, fx)),
+            Event::Control { lease, body } => Outcome::Called(self.control(lease, &body, fx)),
             Event::Release { lease } => {
                 self.release(lease, now, fx);
                 Outcome::Done
@@ -310,6 +339,8 @@ impl<R> Core<R> {
             max_overflow: self.config.max_overflow,
             ready: 0,
             busy: 0,
+            in_flight: 0,
+            capacity: 0,
             starting: 0,
             overflow: 0,
             queued: self.queue.len(),
@@ -323,8 +354,12 @@ impl<R> Core<R> {
             match w.status {
                 Status::Backoff | Status::Spawning | Status::Starting => out.starting += 1,
                 Status::Idle => out.ready += 1,
-                Status::Leased(_) | Status::Chores => out.busy += 1,
+                Status::Leased(_) | Status::Shared | Status::Chores => out.busy += 1,
                 Status::Failing | Status::Stopping | Status::Dead => continue,
+            }
+            if w.usable() {
+                out.capacity += w.capacity as usize;
+                out.in_flight += w.callers_in_flight();
             }
             if w.overflow {
                 out.overflow += 1;
@@ -342,6 +377,19 @@ impl<R> Core<R> {
             self.leases.get(&lease).map(|l| &l.state),
             Some(LeaseState::Holding { .. })
         )
+    }
+
+    /// The reply handle of `lease` while it waits or has a request in flight (for
+    /// [`Effect::Event`]).
+    pub fn reply_of(&self, lease: LeaseId) -> Option<&R> {
+        self.leases.get(&lease).and_then(|l| l.reply.as_ref())
+    }
+
+    /// Callers' requests in flight on `worker` and its capacity (tests).
+    pub fn load_of(&self, worker: WorkerId) -> Option<(usize, u32)> {
+        self.workers
+            .get(&worker)
+            .map(|w| (w.callers_in_flight(), w.capacity))
     }
 
     /// Whether `lease` waits in the queue.
@@ -416,6 +464,19 @@ impl<R> Core<R> {
         if let Some(at) = at {
             w.alarm = Some(at);
             self.timers.arm(at, Timer::Worker(wid));
+        }
+    }
+
+    pub(crate) fn set_heartbeat(&mut self, wid: WorkerId, at: Option<Instant>) {
+        let Some(w) = self.workers.get_mut(&wid) else {
+            return;
+        };
+        if let Some(old) = w.heartbeat.take() {
+            self.timers.disarm(old, Timer::Heartbeat(wid));
+        }
+        if let Some(at) = at {
+            w.heartbeat = Some(at);
+            self.timers.arm(at, Timer::Heartbeat(wid));
         }
     }
 
