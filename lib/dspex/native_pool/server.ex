@@ -28,7 +28,9 @@ defmodule DSPex.NativePool.Server do
     :affinity_wait,
     :overflow_idle_timeout,
     :shutdown_grace,
-    :session_ttl
+    :session_ttl,
+    :worker_concurrency,
+    :heartbeat_timeout
   ]
 
   @doc false
@@ -86,6 +88,15 @@ defmodule DSPex.NativePool.Server do
       overflow_idle_timeout:
         check(opts, :overflow_idle_timeout, 10_000, &pos_int?/1, "a time in ms"),
       shutdown_grace: check(opts, :shutdown_grace, 2_000, &non_neg_int?/1, "a time in ms"),
+      worker_concurrency:
+        check(
+          opts,
+          :worker_concurrency,
+          nil,
+          &(&1 == nil or (pos_int?(&1) and &1 <= 4_294_967_295)),
+          "a positive integer or nil (what each worker announces)"
+        ),
+      heartbeat_timeout: check(opts, :heartbeat_timeout, 30_000, &pos_int?/1, "a time in ms"),
       session_ttl:
         check(
           opts,
@@ -176,6 +187,8 @@ defmodule DSPex.NativePool.Server do
       overflow_idle_timeout: opts[:overflow_idle_timeout],
       affinity_wait: opts[:affinity_wait],
       shutdown_grace: opts[:shutdown_grace],
+      worker_concurrency: opts[:worker_concurrency],
+      heartbeat_timeout: opts[:heartbeat_timeout],
       python: opts[:python],
       script: opts[:script],
       start_method: opts[:start_method],

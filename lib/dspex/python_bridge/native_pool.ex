@@ -175,6 +175,8 @@ defmodule DSPex.PythonBridge.NativePool do
         # The receive stays here, next to make_ref/0, so the VM skips older messages.
         :ok ->
           receive do
+            # An intermediate event (streaming, tool calls): the reply is still to come.
+            {^ref, {:event, _lease, _event}} -> await(ref, pool_timeout + timeout)
             {^ref, reply} -> reply
           after
             pool_timeout + timeout + @reply_margin ->
@@ -195,7 +197,7 @@ defmodule DSPex.PythonBridge.NativePool do
       end
 
     case reply do
-      {:error, {:worker_exited, _}} when retries > 0 ->
+      {:error, {tag, _}} when tag in [:worker_exited, :worker_unresponsive] and retries > 0 ->
         run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
 
       reply ->
@@ -205,6 +207,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
   defp await(ref, ms) do
     receive do
+      {^ref, {:event, _lease, _event}} -> await(ref, ms)
       {^ref, reply} -> reply
     after
       ms + @reply_margin -> {:error, {:timeout, "no reply within #{ms} ms"}}
@@ -302,6 +305,7 @@ defmodule DSPex.PythonBridge.NativePool do
       case Native.call(checkout.lease, ref, command, args, timeout) do
         :ok ->
           receive do
+            {^ref, {:event, _lease, _event}} -> await(ref, timeout)
             {^ref, reply} -> reply
           after
             timeout + @reply_margin -> {:error, {:timeout, "no reply within #{timeout} ms"}}
