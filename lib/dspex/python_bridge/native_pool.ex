@@ -43,6 +43,15 @@ defmodule DSPex.PythonBridge.NativePool do
       (default: 3_600_000, one hour, as SessionPoolV2)
     * `:shutdown_grace` - on stop, how long a worker gets after `shutdown` before SIGTERM, and
       after SIGTERM before SIGKILL, ms (default: 2_000)
+    * `:worker_concurrency` - the most requests one worker runs at once (default: `nil`, what
+      each worker announces). A worker that speaks protocol 2 (`priv/python/dspy_bridge.py`
+      announces 64) runs up to the smaller of its announcement and this; a worker that
+      announces nothing (DSPex's own bridge) runs one at a time whatever this says.
+      `execute_in_session/4` and `execute_anonymous/3` fill the least-loaded worker with room (a
+      session's home worker while it has room); a checkout always has a worker to itself
+    * `:heartbeat_timeout` - a protocol-2 worker with requests in flight that sends nothing at
+      all for this long is recycled; after a third of it without a frame it is pinged, ms
+      (default: 30_000)
 
   ## Sessions
 
@@ -59,20 +68,35 @@ defmodule DSPex.PythonBridge.NativePool do
   A `configure_lm` without a session (see `DSPex.Adapters.PythonPoolNative.configure_lm/1`)
   configures every worker, present and future.
 
+  ## Intermediate events and control frames (protocol 2)
+
+  A request may get frames before its reply (`{"id": N, "event": ...}`, see
+  `docs/protocol.md`): they reach the caller as `{ref, {:event, lease, map}}` messages, with
+  the `ref` of its reply, before `{ref, reply}`. The calls of this module skip them.
+  `DSPex.NativePool.Native.control(pool_resource, lease, map)` writes a control frame for the
+  request `lease` has in flight (for example `%{control: "tool_result", call_id: 1, ok: true,
+  result: 3}`; the pool adds the id) and returns `:ok` or `{:error, reason}`.
+
   ## Errors
 
   Calls return `{:ok, result}` or `{:error, reason}`; `reason` is one of:
 
     * a string: the command failed in Python, with Python's message
     * `{:pool_timeout, detail}` - no worker became free within `:pool_timeout`
-    * `{:timeout, detail}` - the reply took longer than `:timeout`; the worker was recycled and
+    * `{:timeout, detail}` - the reply took longer than `:timeout`; a protocol-2 worker is sent a
+      cancel for the request and keeps running, a one-at-a-time worker is recycled; either way
       its late reply can reach nobody
+    * `{:worker_unresponsive, detail}` - a protocol-2 worker sent nothing at all, not even an
+      answer to a heartbeat ping, for `:heartbeat_timeout` while the request was in flight; it
+      was recycled (retried where `:retries` allows, like `:worker_exited`)
     * `{:worker_exited, %{exit_status: code | nil, detail: text}}` or
       `{:worker_exited, %{signal: n, detail: text}}` - the worker died mid-request
     * `{:decode_error, detail}` - the worker wrote something that is not a frame of JSON
       (it was recycled)
     * `:response_mismatch` - the worker answered another request's id (it was recycled)
-    * `:malformed_response` - JSON that is not a protocol response (it was recycled)
+    * `:malformed_response` - JSON that is not a protocol response (it was recycled). This
+      includes a reply with `"id": null`, the bridge's answer to a request it could not parse:
+      the pool cannot tell which request it was, so the worker's state is unknown
     * `{:invalid_args, detail}` - the arguments cannot be encoded as JSON (a pid, a function, a
       non-UTF-8 binary...); nothing was sent
     * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
