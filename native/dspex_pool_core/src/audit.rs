@@ -114,6 +114,18 @@ impl<R> Core<R> {
                 return Err(format!("busy v2 worker {wid} without a heartbeat"));
             }
         }
+        // A shared worker with room leaves no execute waiting for any worker, nor for it.
+        for (wid, w) in &self.workers {
+            if w.status != Status::Shared || !w.has_room() || self.closed {
+                continue;
+            }
+            let mut waiting = self.queue.any_lane().chain(self.queue.waiting_for(*wid));
+            if let Some(l) = waiting.find(|l| self.leases.get(l).is_some_and(|e| !e.checkout)) {
+                return Err(format!(
+                    "execute {l} waits while shared worker {wid} has room"
+                ));
+            }
+        }
         if idle != self.idle.len() {
             return Err("idle set out of step with the workers".into());
         }

@@ -1,8 +1,10 @@
 //! Claiming workers: acquire, call, release, and handing free workers to waiters.
 //!
 //! A lease is served at once by an idle worker (its session's home first, then the most
-//! recently used one, which keeps hot workers hot and lets overflow ones retire) or waits in
-//! the [`crate::queue::WaitQueue`]. A worker that becomes free runs its chores first, then
+//! recently used one, which keeps hot workers hot and lets overflow ones retire) or, for an
+//! execute, by a shared worker with room (its session's home while it has room, else the
+//! least loaded), or waits in the [`crate::queue::WaitQueue`]. A v2 worker's request that
+//! times out or whose holder leaves is cancelled (a control frame), not a reason to recycle. A worker that becomes free runs its chores first, then
 //! serves a waiter, then idles. The pool grows (permanent workers first, overflow once every
 //! permanent one is up and busy) while waiters outnumber the workers that could serve them.
 
@@ -553,6 +555,15 @@ impl<R> Core<R> {
     }
 
     fn run_chores(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        self.send_chores(wid, now, fx);
+        self.set_status(wid, Status::Chores);
+        self.set_alarm(wid, None);
+    }
+
+    /// Writes a worker's pending chores (each with its own deadline); its status is the
+    /// caller's business. A shared v2 worker gets them at once, next to its requests, instead
+    /// of refusing work until it drains.
+    pub(crate) fn send_chores(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
         let chores: Vec<_> = self
             .workers
             .get_mut(&wid)
@@ -576,8 +587,6 @@ impl<R> Core<R> {
             );
             self.timers.arm(deadline, Timer::Request(wid, rid));
         }
-        self.set_status(wid, Status::Chores);
-        self.set_alarm(wid, None);
         fx.push(Effect::Write { worker: wid, bytes });
     }
 

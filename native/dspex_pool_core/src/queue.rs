@@ -153,6 +153,11 @@ impl WaitQueue {
         Some(lease)
     }
 
+    /// The waiters that accept any worker, in order (they stay queued).
+    pub fn any_lane(&self) -> impl Iterator<Item = LeaseId> + '_ {
+        self.any.values().copied()
+    }
+
     /// Whether some waiter accepts any worker.
     pub fn any_waiting(&self) -> bool {
         !self.any.is_empty()

@@ -1,10 +1,13 @@
 //! Frames from a worker: which request each answers, and what its reply does.
 //!
 //! Replies are matched to in-flight requests by id ([`FrameMatch`]). A one-at-a-time (v1)
-//! worker answers in order, so anything but the oldest id is a protocol error; protocol v2
-//! will match any in-flight id and drop the late replies of cancelled requests. A reply to the
-//! start-up ping completes the start; a caller's reply is recorded (session state, global LM),
-//! delivered, and ends an execute lease.
+//! worker answers in order, so anything but the oldest id is a protocol error; a v2 worker's
+//! frames match any in-flight id, and a frame for an id the pool finished (a cancelled or
+//! timed-out request, a forgotten heartbeat ping) is dropped. An intermediate frame
+//! (`"event"`) goes to the request's caller ([`crate::Effect::Event`]) and the request stays
+//! in flight. A reply to the start-up ping completes the start and, with `"protocol": 2`, sets
+//! the worker's capacity; a caller's reply is recorded (session state, global LM), delivered,
+//! and ends an execute lease. Every frame of a worker is a sign of life for its heartbeat.
 
 use std::time::Instant;
 

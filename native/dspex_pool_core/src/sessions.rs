@@ -138,14 +138,23 @@ impl<R> Core<R> {
         holders.sort_unstable();
         for wid in holders {
             let w = self.workers.get_mut(&wid).expect("present");
+            let running_it = w.inflight.values().any(|p| {
+                matches!(&p.kind, PendingKind::Caller { session: Some((s, _)), .. }
+                    if &**s == session)
+            });
             w.sessions.remove(session);
             w.strict.remove(session);
             w.chores.push_back(Chore {
                 command: "cleanup_session",
                 args: args.clone(),
             });
-            if w.status == Status::Idle {
-                self.worker_free(wid, now, fx);
+            match w.status {
+                Status::Idle => self.worker_free(wid, now, fx),
+                // A shared worker not running one of its requests frees it at once.
+                Status::Shared if !running_it && w.chores.len() == 1 => {
+                    self.send_chores(wid, now, fx)
+                }
+                _ => {}
             }
         }
     }

@@ -9,9 +9,10 @@
 //!
 //! Words: a *lease* is one caller's claim on a worker (an execute, released with its reply, or
 //! a checkout, held until checkin); a *request* is one frame sent to a worker and awaiting its
-//! reply, keyed by a pool-unique id. A worker has a capacity of in-flight requests (1 today;
-//! protocol v2 lets a worker announce more); leases and requests are kept apart so that one
-//! worker may later serve several leases at once.
+//! reply, keyed by a pool-unique id. A worker has a capacity of in-flight requests: 1, or what
+//! it announced in its protocol v2 handshake (capped by `worker_concurrency`). A worker with a
+//! capacity over 1 is *shared* by execute leases (up to its capacity at once); a checkout
+//! always leases a worker to itself.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;

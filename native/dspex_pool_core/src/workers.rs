@@ -511,8 +511,11 @@ impl<R> Core<R> {
         for other in others {
             let w = self.workers.get_mut(&other).expect("present");
             w.chores.push_back(chore.clone());
-            if w.status == Status::Idle {
-                self.worker_free(other, now, fx);
+            match w.status {
+                Status::Idle => self.worker_free(other, now, fx),
+                // Only this one is due (none waits for a request to end): it goes out now.
+                Status::Shared if w.chores.len() == 1 => self.send_chores(other, now, fx),
+                _ => {}
             }
         }
     }

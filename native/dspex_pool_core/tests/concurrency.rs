@@ -496,3 +496,50 @@ fn an_unknown_id_from_a_v2_worker_is_dropped_from_a_v1_worker_recycles() {
         Some(&Delivery::Reply(Err(PoolError::ResponseMismatch)))
     );
 }
+
+#[test]
+fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
+    let (mut core, t0) = started(2, Some(4), None, Duration::from_secs(30));
+    let mut fx = Vec::new();
+    // Worker 2 is busy with two requests; a global configure_lm runs on worker 1.
+    execute(&mut core, 1, Mode::Anonymous, t0, &mut fx);
+    execute(&mut core, 2, Mode::Anonymous, t0, &mut fx);
+    execute(&mut core, 3, Mode::Anonymous, t0, &mut fx);
+    let sent = requests(&fx);
+    let busy = sent[0].0;
+    let mut fx = Vec::new();
+    let event = Event::Acquire {
+        lease: 4,
+        mode: Mode::Anonymous,
+        once: Some(Request {
+            command: "configure_lm".into(),
+            args: br#"{"provider":"dummy"}"#.to_vec(),
+            timeout: Duration::from_secs(5),
+        }),
+        reply: 4,
+        pool_timeout: Duration::from_secs(5),
+        owner: 4,
+    };
+    core.step(event, t0, &mut fx);
+    let (w, id) = written(&fx)
+        .into_iter()
+        .find(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, v)| (w, v["id"].as_u64().unwrap()))
+        .unwrap();
+    let mut fx = Vec::new();
+    core.step(frame(w, id, Ok(b"{}")), t0, &mut fx);
+    // Every other worker gets it at once, shared or not, and keeps taking requests.
+    let replayed: Vec<u64> = written(&fx)
+        .into_iter()
+        .filter(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, _)| w)
+        .collect();
+    assert_eq!(replayed, vec![if w == 1 { 2 } else { 1 }]);
+    assert!(replayed.contains(&busy) || w == busy);
+    let mut fx = Vec::new();
+    assert_eq!(
+        execute(&mut core, 5, Mode::Anonymous, t0, &mut fx),
+        Acquired::Now(5)
+    );
+    core.audit().unwrap();
+}

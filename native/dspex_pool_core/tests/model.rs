@@ -21,6 +21,7 @@
 //! `MODEL_SEED=<seed> cargo test -p dspex_pool_core --test model -- --nocapture`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,13 @@ use dspex_pool_core::{
     Acquired, Core, Delivery, Effect, Event, ExitInfo, Mode, Outcome, PoolConfig, PoolError,
     Request, Signal,
 };
+
+/// How often the sequences reached what protocol v2 added (checked over the whole run, so a
+/// generator change that stops reaching them fails the test).
+static SHARED_SEEN: AtomicU64 = AtomicU64::new(0);
+static EVENTS_SEEN: AtomicU64 = AtomicU64::new(0);
+static CANCELS_SEEN: AtomicU64 = AtomicU64::new(0);
+static CONTROLS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 /// xorshift64*: small, seedable, good enough to pick events.
 struct Rng(u64);
@@ -555,6 +563,12 @@ impl World {
                             if control == "cancel" && !proc.cancelled.insert(id) {
                                 return Err(format!("request {id} cancelled twice"));
                             }
+                            let counter = if control == "cancel" {
+                                &CANCELS_SEEN
+                            } else {
+                                &CONTROLS_SEEN
+                            };
+                            counter.fetch_add(1, Relaxed);
                             continue;
                         }
                         let cmd = v["command"].as_str().ok_or("frame without command")?;
@@ -584,6 +598,7 @@ impl World {
                     }
                 }
                 Effect::Event { lease, body } => {
+                    EVENTS_SEEN.fetch_add(1, Relaxed);
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
                     let holder = self.core.reply_of(lease).copied();
                     if holder.is_none() || v["token"].as_u64() != holder {
@@ -637,6 +652,14 @@ impl World {
 
     fn check(&mut self) -> Result<(), String> {
         self.core.audit()?;
+        if self
+            .core
+            .worker_ids()
+            .iter()
+            .any(|w| self.core.load_of(*w).is_some_and(|(n, _)| n > 1))
+        {
+            SHARED_SEEN.fetch_add(1, Relaxed);
+        }
         // Leases the core no longer knows are over.
         let gone: Vec<u64> = self
             .leases
@@ -770,6 +793,7 @@ fn random_event_sequences_keep_the_invariants() {
             (0..cases).map(|i| 0x5EED_0000 + i).collect()
         }
     };
+    let full_run = env("MODEL_SEED").is_none();
     for seed in seeds {
         if let Err((why, log)) = run_case(seed, steps) {
             let tail: Vec<&String> = log.iter().rev().take(40).collect();
@@ -782,6 +806,18 @@ fn random_event_sequences_keep_the_invariants() {
                     .collect::<Vec<_>>()
                     .join("\n")
             );
+        }
+    }
+    if full_run {
+        let seen = [
+            ("a worker running several requests", &SHARED_SEEN),
+            ("intermediate events", &EVENTS_SEEN),
+            ("cancels", &CANCELS_SEEN),
+            ("control frames", &CONTROLS_SEEN),
+        ];
+        for (what, n) in seen {
+            eprintln!("{what}: {}", n.load(Relaxed));
+            assert!(n.load(Relaxed) > 10, "the sequences never reached {what}");
         }
     }
 }
