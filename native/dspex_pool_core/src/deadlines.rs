@@ -3,6 +3,9 @@
 //! Each armed [`Timer`] is handled once, in deadline order, and checked against the state it
 //! was armed for (a timer is disarmed whenever its reason goes away, so a stale one is a bug
 //! guard, not a path). Cost: O(log n) per timer due, nothing for the others.
+//!
+//! A busy v2 worker's heartbeat (ping after a third of `heartbeat_timeout` of silence, recycle
+//! after all of it) is re-armed lazily when it fires, not on every frame.
 
 use std::time::Instant;
 
