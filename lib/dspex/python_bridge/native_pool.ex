@@ -417,7 +417,9 @@ defmodule DSPex.PythonBridge.NativePool do
   @doc """
   The pool's state: SessionPoolV2's keys (`pool_size`, `max_overflow`, `active_sessions`,
   `sessions`, `uptime_ms`) plus live worker counts (`ready`, `busy`, `starting`, `overflow`),
-  `queued_callers`, `worker_pids`, `last_start_error` and `counters`.
+  `queued_callers`, `worker_pids`, `last_start_error` and `counters`. A worker running
+  requests counts as `busy`; `in_flight` is the callers' requests running on all workers and
+  `capacity` how many they can run at once (1 per one-at-a-time worker).
   """
   @spec get_pool_status(keyword()) :: map()
   def get_pool_status(opts \\ []) do

@@ -203,7 +203,8 @@ impl Pool {
     }
 
     /// Ends every lease of `owner` (its process died): queued ones leave the queue, held
-    /// workers return, workers with a request in flight are recycled.
+    /// workers return, a request in flight is cancelled (protocol 2) or its one-at-a-time
+    /// worker recycled.
     pub fn release_owner(&self, owner: Owner) {
         self.shared.step(Event::ReleaseOwner { owner });
     }
