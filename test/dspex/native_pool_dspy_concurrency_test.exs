@@ -78,7 +78,9 @@ defmodule DSPex.NativePoolDspyConcurrencyTest do
         })
     end
 
-    jobs = for i <- 1..4, session <- ["http", "offline"], do: {session, "q#{i}-#{session}"}
+    # Questions never asked before: DSPy's on-disk cache must not answer them.
+    run = System.os_time()
+    jobs = for i <- 1..4, session <- ["http", "offline"], do: {session, "q#{i}-#{session}-#{run}"}
 
     results =
       jobs
