@@ -22,10 +22,11 @@ defmodule DSPex.NativePoolConcurrencyTest do
       opts = start_pool(pool_size: 1, env: @v2)
       assert %{capacity: 8, in_flight: 0} = status(opts)
 
-      results =
-        concurrently(2, fn _ -> NativePool.execute_anonymous(:sleep, %{ms: 300}, opts) end)
-
-      assert results == [{:ok, %{"slept" => 300}}, {:ok, %{"slept" => 300}}]
+      first = Task.async(fn -> NativePool.execute_anonymous(:sleep, %{ms: 1_500}, opts) end)
+      eventually(fn -> status(opts).in_flight == 1 end)
+      # The worker is busy, and still takes a second request at once.
+      assert {:ok, %{"slept" => 10}} = NativePool.execute_anonymous(:sleep, %{ms: 10}, opts)
+      assert {:ok, %{"slept" => 1_500}} = Task.await(first)
       # Both sleeps were in flight in the one worker at the same time.
       assert %{"peak_in_flight" => 2, "protocol" => 2} = stats(opts)
     end
@@ -90,10 +91,10 @@ defmodule DSPex.NativePoolConcurrencyTest do
     end
 
     test "a quiet but alive worker is pinged, not recycled" do
-      opts = start_pool(pool_size: 1, env: @v2, heartbeat_timeout: 300)
+      opts = start_pool(pool_size: 1, env: @v2, heartbeat_timeout: 1_000)
       %{"pid" => pid} = stats(opts)
-      # A second of silence on the request: the pings it answers keep it.
-      assert {:ok, _} = NativePool.execute_anonymous(:sleep, %{ms: 1_000}, opts)
+      # 2.5 s of silence on the request: the pings it answers (every third of a second) keep it.
+      assert {:ok, _} = NativePool.execute_anonymous(:sleep, %{ms: 2_500}, opts)
       assert %{worker_pids: [^pid], counters: %{recycled: 0}} = status(opts)
     end
 
