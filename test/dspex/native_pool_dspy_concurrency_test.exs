@@ -106,4 +106,44 @@ defmodule DSPex.NativePoolDspyConcurrencyTest do
     assert peak >= 2
     assert %{worker_pids: [_], counters: %{recycled: 0}} = status(opts)
   end
+
+  test "the bridge without protocol 2 is driven one request at a time" do
+    opts =
+      start_pool(
+        pool_size: 1,
+        script: Path.join(:code.priv_dir(:dspex_native_pool), "python/dspy_bridge.py"),
+        start_method: :fork_server,
+        start_timeout: 120_000,
+        env: [{"DSPY_BRIDGE_PROTOCOL", "1"}]
+      )
+
+    assert %{capacity: 1} = status(opts)
+    {:ok, _} = NativePool.execute_anonymous(:configure_lm, %{provider: "dummy"}, opts)
+
+    {:ok, _} =
+      NativePool.execute_in_session(
+        "s",
+        :create_program,
+        %{id: "p", signature: %{inputs: [%{name: "question"}], outputs: [%{name: "answer"}]}},
+        opts
+      )
+
+    results =
+      for i <- 1..3 do
+        Task.async(fn ->
+          NativePool.execute_in_session(
+            "s",
+            :execute_program,
+            %{program_id: "p", inputs: %{question: "v1-#{i}"}},
+            [timeout: 60_000] ++ opts
+          )
+        end)
+      end
+      |> Enum.map(&Task.await(&1, 120_000))
+
+    for {result, i} <- Enum.with_index(results, 1) do
+      assert {:ok, %{"outputs" => %{"answer" => answer}}} = result
+      assert answer == "answer: dummy answer for v1-#{i}"
+    end
+  end
 end
