@@ -116,7 +116,7 @@ impl<R> Core<R> {
         }
         // A shared worker with room leaves no execute waiting for any worker, nor for it.
         for (wid, w) in &self.workers {
-            if w.status != Status::Shared || !w.has_room() || self.closed {
+            if w.status != Status::Shared || !self.can_share(w) || self.closed {
                 continue;
             }
             let mut waiting = self.queue.any_lane().chain(self.queue.waiting_for(*wid));
@@ -125,6 +125,14 @@ impl<R> Core<R> {
                     "execute {l} waits while shared worker {wid} has room"
                 ));
             }
+        }
+        let queued_checkouts = self
+            .leases
+            .iter()
+            .filter(|(id, l)| l.checkout && self.queue.contains(**id))
+            .count();
+        if queued_checkouts != self.checkouts_waiting.len() {
+            return Err("checkout index out of step with the queue".into());
         }
         if idle != self.idle.len() {
             return Err("idle set out of step with the workers".into());

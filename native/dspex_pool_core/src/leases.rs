@@ -86,7 +86,7 @@ impl<R> Core<R> {
                 (Some(h), true, for_good) => {
                     let w = &self.workers[&h];
                     // An execute shares its home while it has room; a checkout needs it idle.
-                    if w.status == Status::Idle || (execute && w.has_room()) {
+                    if w.status == Status::Idle || (execute && self.can_share(w)) {
                         target = Some(h);
                     } else {
                         let until = (!for_good).then(|| now + self.config.affinity_wait);
@@ -132,6 +132,9 @@ impl<R> Core<R> {
             }
             None => {
                 self.queue.push_back(lease, home_wait.map(|(h, _)| h));
+                if !execute {
+                    self.checkouts_waiting.insert(lease);
+                }
                 if let Mode::Session { id, strict: true } = &self.leases[&lease].mode {
                     let id = id.clone();
                     self.strict_waiting.entry(id).or_default().insert(lease);
@@ -173,7 +176,7 @@ impl<R> Core<R> {
         self.pick_idle().or_else(|| {
             self.workers
                 .iter()
-                .filter(|(_, w)| w.status == Status::Shared && w.has_room())
+                .filter(|(_, w)| w.status == Status::Shared && self.can_share(w))
                 .min_by_key(|(id, w)| (w.callers_in_flight(), **id))
                 .map(|(id, _)| *id)
         })
@@ -391,9 +394,15 @@ impl<R> Core<R> {
         }
     }
 
+    /// Whether a worker takes one more execute now: it has room, and no checkout waits (a
+    /// waiting checkout lets shared workers drain, so that one becomes free for it).
+    pub(crate) fn can_share(&self, w: &crate::state::Worker) -> bool {
+        w.has_room() && (w.status == Status::Idle || self.checkouts_waiting.is_empty())
+    }
+
     /// Gives a shared worker queued execute requests while it has room.
     pub(crate) fn fill(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
-        while self.workers.get(&wid).is_some_and(|w| w.has_room()) {
+        while self.workers.get(&wid).is_some_and(|w| self.can_share(w)) {
             let leases = &self.leases;
             let Some(lease) = self
                 .queue
@@ -601,6 +610,14 @@ impl<R> Core<R> {
                 self.assign(lease, wid, true, now, fx);
                 self.fill(wid, now, fx);
             }
+        }
+        self.fill_shared(now, fx);
+    }
+
+    /// Gives queued executes to shared workers with room.
+    pub(crate) fn fill_shared(&mut self, now: Instant, fx: &mut Effects<R>) {
+        if self.queue.is_empty() {
+            return;
         }
         let mut shared: Vec<WorkerId> = self
             .workers

@@ -191,6 +191,12 @@ pub struct Core<R> {
     pub(crate) sessions: HashMap<Arc<str>, SessionRecord>,
     /// Queued `:strict` leases by session, to follow the session to its strict home.
     pub(crate) strict_waiting: HashMap<Arc<str>, HashSet<LeaseId>>,
+    /// Queued checkouts: while any waits, shared workers take no new request, so that one
+    /// drains and a checkout is never starved by a stream of executes.
+    pub(crate) checkouts_waiting: HashSet<LeaseId>,
+    /// The last waiting checkout left the queue: shared workers take queued executes again
+    /// (done at the end of the step).
+    pub(crate) refill: bool,
     /// Replayed on every new worker: the global `configure_lm`.
     pub(crate) init: Vec<Chore>,
     /// Idle workers by when they became idle (the last is the most recently used).
@@ -222,6 +228,8 @@ impl<R> Core<R> {
             timers: Timers::default(),
             sessions: HashMap::new(),
             strict_waiting: HashMap::new(),
+            checkouts_waiting: HashSet::new(),
+            refill: false,
             init: Vec::new(),
             idle: BTreeSet::new(),
             idle_clock: 0,
@@ -249,6 +257,14 @@ impl<R> Core<R> {
 
     /// Applies one event at `now`.
     pub fn step(&mut self, event: Event<R>, now: Instant, fx: &mut Effects<R>) -> Outcome {
+        let outcome = self.dispatch(event, now, fx);
+        if std::mem::take(&mut self.refill) {
+            self.fill_shared(now, fx);
+        }
+        outcome
+    }
+
+    fn dispatch(&mut self, event: Event<R>, now: Instant, fx: &mut Effects<R>) -> Outcome {
         match event {
             Event::Acquire {
                 lease,
@@ -541,8 +557,11 @@ impl<R> Core<R> {
         Some(entry)
     }
 
-    /// Takes a lease that leaves the queue out of the strict-waiter index.
+    /// Takes a lease that leaves the queue out of the strict-waiter and checkout indexes.
     pub(crate) fn unlist_strict(&mut self, lease: LeaseId, mode: &Mode) {
+        if self.checkouts_waiting.remove(&lease) && self.checkouts_waiting.is_empty() {
+            self.refill = true;
+        }
         if let Mode::Session { id, strict: true } = mode {
             if let Some(set) = self.strict_waiting.get_mut(id) {
                 set.remove(&lease);

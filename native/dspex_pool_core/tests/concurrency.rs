@@ -186,43 +186,56 @@ fn a_full_worker_queues_and_a_checkout_keeps_a_worker_to_itself() {
         execute(&mut core, 1, Mode::Anonymous, t0, &mut fx),
         Acquired::Now(1)
     );
-    // A checkout needs an idle worker: it queues behind the shared one.
-    let event = Event::Acquire {
-        lease: 2,
-        mode: Mode::Anonymous,
-        once: None,
-        reply: 2,
-        pool_timeout: Duration::from_secs(5),
-        owner: 2,
-    };
-    assert!(matches!(
-        core.step(event, t0, &mut fx),
-        Outcome::Acquired(Ok(Acquired::Queued(2)))
-    ));
-    // An execute still fits (it passes the queued checkout), the next one waits.
+    assert_eq!(
+        execute(&mut core, 2, Mode::Anonymous, t0, &mut fx),
+        Acquired::Now(2)
+    );
+    // Full: the next execute waits; one reply frees a slot and it takes it.
     assert_eq!(
         execute(&mut core, 3, Mode::Anonymous, t0, &mut fx),
-        Acquired::Now(3)
+        Acquired::Queued(3)
     );
-    assert_eq!(
-        execute(&mut core, 4, Mode::Anonymous, t0, &mut fx),
-        Acquired::Queued(4)
-    );
-    core.audit().unwrap();
     let sent = requests(&fx);
-    assert_eq!(sent.len(), 2);
-    // One reply frees a slot: the queued execute takes it.
     let mut fx = Vec::new();
     core.step(frame(1, sent[0].1, Ok(b"1")), t0, &mut fx);
     assert_eq!(requests(&fx).len(), 1);
     let third = requests(&fx)[0].1;
     core.audit().unwrap();
-    // Once the worker drains, the checkout holds it alone.
+    // A checkout needs the worker to itself: it queues, and while it waits the shared worker
+    // takes no new request (executes queue behind it), so it drains instead of starving it.
+    let event = Event::Acquire {
+        lease: 4,
+        mode: Mode::Anonymous,
+        once: None,
+        reply: 4,
+        pool_timeout: Duration::from_secs(5),
+        owner: 4,
+    };
+    let mut fx = Vec::new();
+    assert!(matches!(
+        core.step(event, t0, &mut fx),
+        Outcome::Acquired(Ok(Acquired::Queued(4)))
+    ));
+    assert_eq!(
+        execute(&mut core, 5, Mode::Anonymous, t0, &mut fx),
+        Acquired::Queued(5)
+    );
+    core.audit().unwrap();
     let mut fx = Vec::new();
     core.step(frame(1, sent[1].1, Ok(b"1")), t0, &mut fx);
+    assert!(
+        requests(&fx).is_empty(),
+        "no new work while the checkout waits"
+    );
     core.step(frame(1, third, Ok(b"1")), t0, &mut fx);
-    assert_eq!(delivered(&fx, 2), Some(&Delivery::Assigned));
-    assert!(core.holds_worker(2));
+    assert_eq!(delivered(&fx, 4), Some(&Delivery::Assigned));
+    assert!(core.holds_worker(4));
+    assert!(requests(&fx).is_empty());
+    core.audit().unwrap();
+    // Checked in: the queued execute runs.
+    let mut fx = Vec::new();
+    core.step(Event::Release { lease: 4 }, t0, &mut fx);
+    assert_eq!(requests(&fx).len(), 1);
     core.audit().unwrap();
 }
 
