@@ -49,6 +49,7 @@ defmodule DSPex.PythonBridge.NativePool do
       announces nothing (DSPex's own bridge) runs one at a time whatever this says.
       `execute_in_session/4` and `execute_anonymous/3` fill the least-loaded worker with room (a
       session's home worker while it has room); a checkout always has a worker to itself
+      (while one waits, busy workers take no new request, so that one frees up for it)
     * `:heartbeat_timeout` - a protocol-2 worker with requests in flight that sends nothing at
       all for this long is recycled; after a third of it without a frame it is pinged, ms
       (default: 30_000)
