@@ -130,6 +130,22 @@ defmodule DSPex.NativePoolConcurrencyTest do
 
       assert_receive {^ref, {:ok, %{"tool_results" => [_]} = result}}, 5_000
       assert inspect(result) =~ "42"
+
+      # The dirty variant (for a body too large to encode on a normal scheduler: `control/3`
+      # then returns :dirty) does the same.
+      ref = make_ref()
+      :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "big"}, 5_000, 5_000)
+      assert_receive {^ref, {:event, lease, %{"event" => "tool_call"}}}, 5_000
+
+      big = %{
+        control: "tool_result",
+        call_id: 1,
+        ok: true,
+        result: String.duplicate("x", 100_000)
+      }
+
+      assert :ok = Native.control_dirty(resource, lease, big)
+      assert_receive {^ref, {:ok, %{"tool_results" => [_]}}}, 5_000
       assert {:error, {:checkout_failed, _}} = Native.control(resource, lease, %{control: "x"})
     end
   end

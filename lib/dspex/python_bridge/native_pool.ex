@@ -76,7 +76,8 @@ defmodule DSPex.PythonBridge.NativePool do
   the `ref` of its reply, before `{ref, reply}`. The calls of this module skip them.
   `DSPex.NativePool.Native.control(pool_resource, lease, map)` writes a control frame for the
   request `lease` has in flight (for example `%{control: "tool_result", call_id: 1, ok: true,
-  result: 3}`; the pool adds the id) and returns `:ok` or `{:error, reason}`.
+  result: 3}`; the pool adds the id) and returns `:ok`, `{:error, reason}`, or `:dirty` for a
+  body too large to encode on a normal scheduler (then call `Native.control_dirty/3`).
 
   ## Errors
 

@@ -500,8 +500,9 @@ fn call_impl<'a>(
 
 /// Writes a control frame (`body`, a map such as
 /// `%{control: "tool_result", call_id: 1, ok: true, result: 3}`) for the request in flight of
-/// `lease` (the integer of its `{ref, {:event, lease, map}}` messages). Returns `:ok` or
-/// `{:error, reason}`.
+/// `lease` (the integer of its `{ref, {:event, lease, map}}` messages). Returns `:ok`,
+/// `{:error, reason}`, or `:dirty` when the body is too large to encode here (call
+/// `control_dirty/3`).
 #[rustler::nif]
 fn control<'a>(
     env: Env<'a>,
@@ -509,13 +510,30 @@ fn control<'a>(
     lease: u64,
     body: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let body = match encode_args(body, SCHEDULER_BUDGET) {
+    control_impl(env, pool, lease, body, SCHEDULER_BUDGET)
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn control_dirty<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    lease: u64,
+    body: Term<'a>,
+) -> NifResult<Term<'a>> {
+    control_impl(env, pool, lease, body, usize::MAX)
+}
+
+fn control_impl<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    lease: u64,
+    body: Term<'a>,
+    budget: usize,
+) -> NifResult<Term<'a>> {
+    let body = match encode_args(body, budget) {
         Args::Json(b) => b,
         Args::Invalid(e) => return Ok(error(env, e)),
-        Args::OverBudget => {
-            let e = PoolError::InvalidArgs("a control frame over 64 KiB".into());
-            return Ok(error(env, e));
-        }
+        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
     };
     match pool.shared.pool.control(lease, body) {
         Ok(()) => Ok(atoms::ok().encode(env)),
