@@ -90,6 +90,20 @@ defmodule DSPex.NativePoolConcurrencyTest do
       assert status(opts).counters.recycled == 1
     end
 
+    test "a request on a worker the heartbeat recycled is re-run where :retries allows" do
+      opts = start_pool(pool_size: 1, env: @v2, heartbeat_timeout: 300)
+
+      # Each run silences its worker: two runs, two recycled workers, then the error.
+      assert {:error, {:worker_unresponsive, _}} =
+               NativePool.execute_anonymous(
+                 :go_silent,
+                 %{},
+                 [timeout: 60_000, retries: 1] ++ opts
+               )
+
+      assert status(opts).counters.recycled == 2
+    end
+
     test "a quiet but alive worker is pinged, not recycled" do
       opts = start_pool(pool_size: 1, env: @v2, heartbeat_timeout: 1_000)
       %{"pid" => pid} = stats(opts)
