@@ -832,7 +832,7 @@ defmodule DSPex.NativePool.Chaos do
 
     orphans = for {pid, pgid, _} <- marked_processes(ctx.run_id), do: {pid, pgid in seen_set}
 
-    if (orphans == [] and not helper_alive and beam_zombies == []) or
+    if (orphans == [] and not helper_alive and not helper_zombie and beam_zombies == []) or
          System.monotonic_time(:millisecond) > deadline do
       %{
         orphans: describe(Enum.map(orphans, &elem(&1, 0))),

@@ -21,6 +21,8 @@ defmodule DSPex.NativePool.Native do
   def checkout(_pool, _ref, _mode, _pool_timeout), do: :erlang.nif_error(:nif_not_loaded)
   def call(_lease, _ref, _command, _args, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def call_dirty(_lease, _ref, _command, _args, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+  def control(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
+  def control_dirty(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
   def checkin(_lease), do: :erlang.nif_error(:nif_not_loaded)
   def end_session(_pool, _session_id), do: :erlang.nif_error(:nif_not_loaded)
   def status(_pool), do: :erlang.nif_error(:nif_not_loaded)

@@ -36,7 +36,9 @@ defmodule DSPex.NativePool.Server do
     :retries,
     :max_retries,
     # SessionPoolV2's NimblePool worker module: accepted and ignored.
-    :worker_module
+    :worker_module,
+    :worker_concurrency,
+    :heartbeat_timeout
   ]
 
   # File descriptors the BEAM holds per worker: stdin, stdout and stderr pipes, and a spare
@@ -122,6 +124,15 @@ defmodule DSPex.NativePool.Server do
           &(non_neg_int?(&1) and &1 <= 600_000),
           "a time in ms (at most 600000)"
         ),
+      worker_concurrency:
+        check(
+          opts,
+          :worker_concurrency,
+          nil,
+          &(&1 == nil or (pos_int?(&1) and &1 <= 4_294_967_295)),
+          "a positive integer or nil (what each worker announces)"
+        ),
+      heartbeat_timeout: check(opts, :heartbeat_timeout, 30_000, &pos_int?/1, "a time in ms"),
       session_ttl:
         check(
           opts,
@@ -284,6 +295,8 @@ defmodule DSPex.NativePool.Server do
       overflow_idle_timeout: opts[:overflow_idle_timeout],
       affinity_wait: opts[:affinity_wait],
       shutdown_grace: opts[:shutdown_grace],
+      worker_concurrency: opts[:worker_concurrency],
+      heartbeat_timeout: opts[:heartbeat_timeout],
       python: python,
       script: opts[:script],
       start_method: opts[:start_method],

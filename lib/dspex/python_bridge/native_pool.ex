@@ -51,6 +51,16 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:shutdown_grace` - on stop, how long a worker gets after `shutdown` before SIGTERM, and
       after SIGTERM before SIGKILL, ms (default: 2_000); the child spec's `shutdown` is
       derived from it
+    * `:worker_concurrency` - the most requests one worker runs at once (default: `nil`, what
+      each worker announces). A worker that speaks protocol 2 (`priv/python/dspy_bridge.py`
+      announces 64) runs up to the smaller of its announcement and this; a worker that
+      announces nothing (DSPex's own bridge) runs one at a time whatever this says.
+      `execute_in_session/4` and `execute_anonymous/3` fill the least-loaded worker with room (a
+      session's home worker while it has room); a checkout always has a worker to itself
+      (while one waits, busy workers take no new request, so that one frees up for it)
+    * `:heartbeat_timeout` - a protocol-2 worker with requests in flight that sends nothing at
+      all for this long is recycled; after a third of it without a frame it is pinged, ms
+      (default: 30_000)
 
   Bad option values raise `ArgumentError` with `got: ...`; keys SessionPoolV2 never knew raise
   too.
@@ -70,20 +80,36 @@ defmodule DSPex.PythonBridge.NativePool do
   A `configure_lm` without a session (see `DSPex.Adapters.PythonPoolNative.configure_lm/1`)
   configures every worker, present and future.
 
+  ## Intermediate events and control frames (protocol 2)
+
+  A request may get frames before its reply (`{"id": N, "event": ...}`, see
+  `docs/protocol.md`): they reach the caller as `{ref, {:event, lease, map}}` messages, with
+  the `ref` of its reply, before `{ref, reply}`. The calls of this module skip them.
+  `DSPex.NativePool.Native.control(pool_resource, lease, map)` writes a control frame for the
+  request `lease` has in flight (for example `%{control: "tool_result", call_id: 1, ok: true,
+  result: 3}`; the pool adds the id) and returns `:ok`, `{:error, reason}`, or `:dirty` for a
+  body too large to encode on a normal scheduler (then call `Native.control_dirty/3`).
+
   ## Errors
 
   Calls return `{:ok, result}` or `{:error, reason}`; `reason` is one of:
 
     * a string: the command failed in Python, with Python's message
     * `{:pool_timeout, detail}` - no worker became free within `:pool_timeout`
-    * `{:timeout, detail}` - the reply took longer than `:timeout`; the worker was recycled and
+    * `{:timeout, detail}` - the reply took longer than `:timeout`; a protocol-2 worker is sent a
+      cancel for the request and keeps running, a one-at-a-time worker is recycled; either way
       its late reply can reach nobody
+    * `{:worker_unresponsive, detail}` - a protocol-2 worker sent nothing at all, not even an
+      answer to a heartbeat ping, for `:heartbeat_timeout` while the request was in flight; it
+      was recycled (retried where `:retries` allows, like `:worker_exited`)
     * `{:worker_exited, %{exit_status: code | nil, detail: text}}` or
       `{:worker_exited, %{signal: n, detail: text}}` - the worker died mid-request
     * `{:decode_error, detail}` - the worker wrote something that is not a frame of JSON
       (it was recycled)
     * `:response_mismatch` - the worker answered another request's id (it was recycled)
-    * `:malformed_response` - JSON that is not a protocol response (it was recycled)
+    * `:malformed_response` - JSON that is not a protocol response (it was recycled). This
+      includes a reply with `"id": null`, the bridge's answer to a request it could not parse:
+      the pool cannot tell which request it was, so the worker's state is unknown
     * `{:invalid_args, detail}` - the arguments cannot be encoded as JSON (a pid, a function, a
       non-UTF-8 binary...); nothing was sent
     * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
@@ -247,6 +273,8 @@ defmodule DSPex.PythonBridge.NativePool do
         # The receive stays here, next to make_ref/0, so the VM skips older messages.
         :ok ->
           receive do
+            # An intermediate event (streaming, tool calls): the reply is still to come.
+            {^ref, {:event, _lease, _event}} -> await(ref, wait)
             {^ref, reply} -> reply
           after
             wait ->
@@ -268,7 +296,7 @@ defmodule DSPex.PythonBridge.NativePool do
       end
 
     case reply do
-      {:error, {:worker_exited, _}} when retries > 0 ->
+      {:error, {tag, _}} when tag in [:worker_exited, :worker_unresponsive] and retries > 0 ->
         run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
 
       reply ->
@@ -278,6 +306,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
   defp await(ref, wait) do
     receive do
+      {^ref, {:event, _lease, _event}} -> await(ref, wait)
       {^ref, reply} -> reply
     after
       wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
@@ -496,6 +525,7 @@ defmodule DSPex.PythonBridge.NativePool do
       case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
         :ok ->
           receive do
+            {^ref, {:event, _lease, _event}} -> await(ref, wait)
             {^ref, reply} -> reply
           after
             wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
@@ -587,7 +617,9 @@ defmodule DSPex.PythonBridge.NativePool do
   The state of the pool `name` (or of `[pool: name]`): SessionPoolV2's keys (`pool_size`,
   `max_overflow`, `active_sessions`, `sessions`, `uptime_ms`, `session_affinity`) plus live
   worker counts (`ready`, `busy`, `starting`, `overflow`), `queued_callers`, `worker_pids`,
-  `last_start_error` and `counters`.
+  `last_start_error` and `counters`. A worker running requests counts as `busy`; `in_flight` is
+  the callers' requests running on all workers and `capacity` how many they can run at once
+  (1 per one-at-a-time worker).
 
   `session_affinity` is `%{}`, as SessionPoolV2's with its basic workers; with
   `worker_module: DSPex.PythonBridge.PoolWorkerV2Enhanced` it holds the pool's affinity mode and

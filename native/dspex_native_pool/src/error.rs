@@ -22,6 +22,7 @@ mod atoms {
         timeout,
         worker_exited,
         session_lost,
+        worker_unresponsive,
         exit_status,
         signal,
         detail,
@@ -62,6 +63,9 @@ impl Encoder for Reason<'_> {
                 )
                 .expect("distinct keys");
                 (atoms::worker_exited(), map).encode(env)
+            }
+            PoolError::Unresponsive(_) => {
+                (atoms::worker_unresponsive(), detail(&self.0.to_string())).encode(env)
             }
             PoolError::SessionLost(_) => {
                 (atoms::session_lost(), detail(&self.0.to_string())).encode(env)

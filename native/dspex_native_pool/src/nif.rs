@@ -22,7 +22,7 @@ mod atoms {
         pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions, open_leases,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
-        dirty,
+        dirty, event, in_flight, capacity, cancelled,
     }
 }
 
@@ -55,14 +55,17 @@ fn off_scheduler(f: impl FnOnce() + Send + 'static) {
 /// with `{:checkout_failed, _}`, so no caller waits for a reply that cannot come.
 struct BeamReply {
     to: Option<(LocalPid, OwnedEnv, SavedTerm)>,
+    /// The lease the request belongs to: intermediate events name it, for `control/3`.
+    lease: u64,
 }
 
 impl BeamReply {
-    fn new(env: Env, reference: Term) -> BeamReply {
+    fn new(env: Env, reference: Term, lease: u64) -> BeamReply {
         let owned = OwnedEnv::new();
         let saved = owned.save(reference);
         BeamReply {
             to: Some((env.pid(), owned, saved)),
+            lease,
         }
     }
 
@@ -97,6 +100,32 @@ impl ReplySink for BeamReply {
 
     fn discard(mut self: Box<Self>) {
         self.to = None;
+    }
+
+    /// `{ref, {:event, lease, map}}` to the caller; the reply is still to come.
+    fn event(&self, body: bytes::Bytes) -> Option<Box<dyn FnOnce() + Send>> {
+        let (pid, env, saved) = self.to.as_ref()?;
+        // The reference, copied out of the reply's env (a few bytes).
+        let reference = env.run(|e| saved.load(e).to_binary().as_slice().to_vec());
+        let (pid, lease) = (*pid, self.lease);
+        Some(Box::new(move || {
+            off_scheduler(move || {
+                let _ = OwnedEnv::new().send_and_clear(&pid, |env| {
+                    let r = match env.binary_to_term(&reference) {
+                        Some((r, _)) => r,
+                        None => atoms::nil().encode(env),
+                    };
+                    let payload = match crate::term::json_to_term(env, &body) {
+                        Ok(map) => (atoms::event(), lease, map).encode(env),
+                        Err(e) => {
+                            let e = PoolError::Decode(e.to_string());
+                            (atoms::event(), lease, (atoms::error(), Reason(&e))).encode(env)
+                        }
+                    };
+                    (r, payload)
+                });
+            });
+        }))
     }
 }
 
@@ -176,6 +205,8 @@ struct Config {
     overflow_idle_timeout: u64,
     affinity_wait: u64,
     shutdown_grace: u64,
+    worker_concurrency: Option<u32>,
+    heartbeat_timeout: u64,
     python: String,
     script: String,
     worker_args: Vec<String>,
@@ -195,7 +226,8 @@ fn pool_start(env: Env, config: Config) -> Term {
         overflow_idle: Duration::from_millis(config.overflow_idle_timeout),
         affinity_wait: Duration::from_millis(config.affinity_wait),
         shutdown_grace: Duration::from_millis(config.shutdown_grace),
-        ..PoolConfig::default()
+        worker_concurrency: config.worker_concurrency,
+        heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout.max(1)),
     };
     let mode = if config.start_method == atoms::fork_server() {
         crate::zygote::Mode::Fork
@@ -361,7 +393,7 @@ fn execute_impl<'a>(
         args,
         timeout: Duration::from_millis(timeout),
     };
-    let reply = Box::new(BeamReply::new(env, reference));
+    let reply = Box::new(BeamReply::new(env, reference, id));
     let pool_timeout = Duration::from_millis(pool_timeout);
     match pool
         .shared
@@ -385,7 +417,7 @@ fn checkout<'a>(
     let owner = pool.shared.owner(env);
     let id = pool.shared.pool.new_lease_id();
     let lease = ResourceArc::new(CheckoutHandle::new(pool.shared.clone(), id));
-    let reply = Box::new(BeamReply::new(env, reference));
+    let reply = Box::new(BeamReply::new(env, reference, id));
     let pool_timeout = Duration::from_millis(pool_timeout);
     match pool
         .shared
@@ -459,8 +491,51 @@ fn call_impl<'a>(
         args,
         timeout: Duration::from_millis(timeout),
     };
-    let reply = Box::new(BeamReply::new(env, reference));
+    let reply = Box::new(BeamReply::new(env, reference, lease.id));
     match lease.shared.pool.call(lease.id, request, reply) {
+        Ok(()) => Ok(atoms::ok().encode(env)),
+        Err(e) => Ok(error(env, e)),
+    }
+}
+
+/// Writes a control frame (`body`, a map such as
+/// `%{control: "tool_result", call_id: 1, ok: true, result: 3}`) for the request in flight of
+/// `lease` (the integer of its `{ref, {:event, lease, map}}` messages). Returns `:ok`,
+/// `{:error, reason}`, or `:dirty` when the body is too large to encode here (call
+/// `control_dirty/3`).
+#[rustler::nif]
+fn control<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    lease: u64,
+    body: Term<'a>,
+) -> NifResult<Term<'a>> {
+    control_impl(env, pool, lease, body, SCHEDULER_BUDGET)
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn control_dirty<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    lease: u64,
+    body: Term<'a>,
+) -> NifResult<Term<'a>> {
+    control_impl(env, pool, lease, body, usize::MAX)
+}
+
+fn control_impl<'a>(
+    env: Env<'a>,
+    pool: ResourceArc<PoolResource>,
+    lease: u64,
+    body: Term<'a>,
+    budget: usize,
+) -> NifResult<Term<'a>> {
+    let body = match encode_args(body, budget) {
+        Args::Json(b) => b,
+        Args::Invalid(e) => return Ok(error(env, e)),
+        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
+    };
+    match pool.shared.pool.control(lease, body) {
         Ok(()) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
     }
@@ -495,6 +570,7 @@ fn status(env: Env, pool: ResourceArc<PoolResource>) -> Term {
                 (atoms::worker_starts(), c.worker_starts.encode(env)),
                 (atoms::start_failures(), c.start_failures.encode(env)),
                 (atoms::restores(), c.restores.encode(env)),
+                (atoms::cancelled(), c.cancelled.encode(env)),
             ],
         ),
     )
@@ -508,6 +584,8 @@ fn status(env: Env, pool: ResourceArc<PoolResource>) -> Term {
                 (atoms::max_overflow(), s.max_overflow.encode(env)),
                 (atoms::ready(), s.ready.encode(env)),
                 (atoms::busy(), s.busy.encode(env)),
+                (atoms::in_flight(), s.in_flight.encode(env)),
+                (atoms::capacity(), s.capacity.encode(env)),
                 (atoms::starting(), s.starting.encode(env)),
                 (atoms::overflow(), s.overflow.encode(env)),
                 (atoms::queued_callers(), s.queued.encode(env)),

@@ -33,6 +33,15 @@ pub trait ReplySink: Send + 'static {
 
     /// Drops a sink that will never be needed (the answer was the call's return value).
     fn discard(self: Box<Self>) {}
+
+    /// Prepares the delivery of an intermediate frame (`{"id": N, "event": ...}`, its JSON
+    /// text) of the request this sink waits for, without consuming the sink. Runs under the
+    /// pool's lock, so it must be quick; the closure it returns runs after the lock is
+    /// released. `None`: this sink takes no events (they are dropped).
+    fn event(&self, body: bytes::Bytes) -> Option<Box<dyn FnOnce() + Send>> {
+        let _ = body;
+        None
+    }
 }
 
 /// Worker logs and lifecycle events for the pool's owner.
@@ -60,6 +69,7 @@ enum Action {
     Spawn(WorkerId),
     Deliver(Reply, Delivery),
     Discard(Reply),
+    Event(Box<dyn FnOnce() + Send>),
     Log(WorkerId, &'static str, String),
     Started(WorkerId, Option<u32>, u64),
     Exited(WorkerId, String),
@@ -173,13 +183,28 @@ impl Pool {
         }
     }
 
+    /// Writes a control frame for the request `lease` has in flight (protocol v2 only): `body`
+    /// is a JSON object such as `{"control":"tool_result","call_id":1,"ok":true,"result":3}`;
+    /// the pool adds the request's id.
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidArgs`] for a body that is not a JSON object, [`PoolError::CheckoutFailed`]
+    /// when the lease has no request in flight on a v2 worker.
+    pub fn control(&self, lease: LeaseId, body: Vec<u8>) -> Result<(), PoolError> {
+        match self.shared.step(Event::Control { lease, body }) {
+            Outcome::Called(r) => r,
+            other => unreachable!("control answered {other:?}"),
+        }
+    }
+
     /// Ends a lease: checkin, a dropped checkout, or a holder that died. Idempotent.
     pub fn release(&self, lease: LeaseId) {
         self.shared.step(Event::Release { lease });
     }
 
     /// Ends every lease of `owner` (its process died): queued ones leave the queue, held
-    /// workers return, workers with a request in flight are recycled.
+    /// workers return, a request in flight is cancelled (protocol 2) or its one-at-a-time
+    /// worker recycled.
     pub fn release_owner(&self, owner: Owner) {
         self.shared.step(Event::ReleaseOwner { owner });
     }
@@ -303,6 +328,12 @@ impl Shared {
                 Effect::Spawn { worker } => Action::Spawn(worker),
                 Effect::Deliver { to, delivery } => Action::Deliver(to, delivery),
                 Effect::Discard(to) => Action::Discard(to),
+                Effect::Event { lease, body } => {
+                    match inner.core.reply_of(lease).and_then(|r| r.event(body)) {
+                        Some(send) => Action::Event(send),
+                        None => continue,
+                    }
+                }
                 Effect::Log {
                     worker,
                     level,
@@ -346,6 +377,7 @@ impl Shared {
                     }
                     Action::Deliver(sink, delivery) => sink.deliver(delivery),
                     Action::Discard(sink) => sink.discard(),
+                    Action::Event(send) => send(),
                     Action::Log(wid, level, line) => self.events.log(wid, level, line),
                     Action::Started(wid, pid, ms) => self.events.worker_started(wid, pid, ms),
                     Action::Exited(wid, reason) => self.events.worker_exited(wid, reason),

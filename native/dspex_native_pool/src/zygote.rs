@@ -116,6 +116,11 @@ impl ForkServer {
             // SAFETY: shutdown on a socket the helper owns and keeps open.
             unsafe { libc::shutdown(h.sock.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        // Let go of the helper (and so of its socket) now, not when the pool is dropped; a
+        // `helper()` under way lets go of it itself when it sees `closed`.
+        if let Ok(mut cur) = self.current.try_lock() {
+            cur.last = None;
+        }
     }
 
     /// The helper's pid and the mode it serves in, starting it if needed.
@@ -127,6 +132,7 @@ impl ForkServer {
     async fn helper(&self) -> io::Result<Arc<Helper>> {
         let mut cur = self.current.lock().await;
         if self.closed.load(Ordering::SeqCst) {
+            cur.last = None;
             return Err(io::Error::other("the pool has stopped"));
         }
         if let Some(h) = &cur.last {
@@ -147,11 +153,18 @@ impl ForkServer {
         }
         let started = self.launch().await;
         match started {
+            Ok(h) if self.closed.load(Ordering::SeqCst) => {
+                // Closed while this one started: end it too.
+                // SAFETY: shutdown on a socket the helper owns and keeps open.
+                unsafe { libc::shutdown(h.sock.as_raw_fd(), libc::SHUT_RDWR) };
+                cur.last = None;
+                Err(io::Error::other("the pool has stopped"))
+            }
             Ok(h) => {
                 cur.last = Some(h.clone());
                 *self.live.lock().unwrap() = Some(h.clone());
                 if self.closed.load(Ordering::SeqCst) {
-                    // Closed while this one started: end it too.
+                    // Closed in between: `close` may have missed this one.
                     self.close();
                 }
                 Ok(h)

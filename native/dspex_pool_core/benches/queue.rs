@@ -49,6 +49,7 @@ fn busy_pool(size: usize, t0: Instant) -> Core<u64> {
             let frame = Ok(Response {
                 id,
                 outcome: Ok(Bytes::from_static(b"{}")),
+                event: false,
             });
             core.step(Event::Frame { worker: w, frame }, t0, &mut Vec::new());
         }

@@ -18,9 +18,13 @@ pub struct PoolConfig {
     pub overflow_idle: Duration,
     pub affinity_wait: Duration,
     pub shutdown_grace: Duration,
-    /// Requests one worker may run at once. Only 1 is driven today (a lease has a worker to
-    /// itself); protocol v2 lets a worker announce more.
-    pub worker_concurrency: u32,
+    /// Caps the requests one worker runs at once. A worker that speaks protocol v2 announces
+    /// its concurrency in its handshake; its capacity is the smaller of the two (`None`: what
+    /// it announces). A worker that announces nothing (v1) runs one at a time.
+    pub worker_concurrency: Option<u32>,
+    /// A v2 worker with requests in flight that sends nothing at all (not even the answer to a
+    /// heartbeat ping, sent after a third of this) for this long is recycled.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -34,7 +38,8 @@ impl Default for PoolConfig {
             overflow_idle: Duration::from_secs(10),
             affinity_wait: Duration::from_millis(10),
             shutdown_grace: Duration::from_secs(2),
-            worker_concurrency: 1,
+            worker_concurrency: None,
+            heartbeat_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -77,6 +82,8 @@ pub struct Counters {
     pub worker_starts: u64,
     pub start_failures: u64,
     pub restores: u64,
+    /// Requests cancelled with a control frame (v2: timed out, or their caller left).
+    pub cancelled: u64,
 }
 
 /// A snapshot for `get_pool_status/0`.
@@ -86,6 +93,10 @@ pub struct PoolStatus {
     pub max_overflow: usize,
     pub ready: usize,
     pub busy: usize,
+    /// Callers' requests in flight on all workers.
+    pub in_flight: usize,
+    /// Requests the usable workers can run at once (the sum of their capacities).
+    pub capacity: usize,
     pub starting: usize,
     pub overflow: usize,
     pub queued: usize,
@@ -113,6 +124,12 @@ pub enum Event<R> {
         lease: LeaseId,
         request: Request,
         reply: R,
+    },
+    /// A control frame for the request `lease` has in flight (protocol v2): `body` is a JSON
+    /// object (e.g. `{"control":"tool_result",...}`); the pool adds the request's `id`.
+    Control {
+        lease: LeaseId,
+        body: Vec<u8>,
     },
     /// Checkin, a dropped checkout, or a holder that died.
     Release {

@@ -26,6 +26,19 @@ impl<R> Core<R> {
                             if let Some(other) = holders.insert(worker, *id) {
                                 return Err(format!("worker {worker} leased to {other} and {id}"));
                             }
+                        } else if w.status == Status::Shared {
+                            if l.checkout {
+                                return Err(format!("checkout {id} shares worker {worker}"));
+                            }
+                            match l.request {
+                                Some((rw, rid))
+                                    if rw == worker && w.inflight.contains_key(&rid) => {}
+                                _ => {
+                                    return Err(format!(
+                                        "lease {id} shares worker {worker} with no request on it"
+                                    ))
+                                }
+                            }
                         } else if w.usable() {
                             return Err(format!(
                                 "lease {id} holds worker {worker} which is {:?}",
@@ -68,9 +81,58 @@ impl<R> Core<R> {
                     return Err(format!("worker {wid} idle while a caller waits for any"));
                 }
             }
-            if w.inflight.len() > w.capacity as usize + w.chores_in_flight() {
-                return Err(format!("worker {wid} over its capacity"));
+            if w.callers_in_flight() > w.capacity as usize {
+                return Err(format!(
+                    "worker {wid} over its capacity ({} > {})",
+                    w.callers_in_flight(),
+                    w.capacity
+                ));
             }
+            if w.status == Status::Shared && (w.callers_in_flight() == 0 || w.capacity < 2) {
+                return Err(format!("worker {wid} shared with nothing to share"));
+            }
+            if w.capacity > 1 && !w.v2 {
+                return Err(format!(
+                    "one-at-a-time worker {wid} with capacity {}",
+                    w.capacity
+                ));
+            }
+            for (rid, p) in &w.inflight {
+                if let crate::state::PendingKind::Caller { lease, .. } = p.kind {
+                    let ok = self
+                        .leases
+                        .get(&lease)
+                        .is_some_and(|l| l.request == Some((*wid, *rid)));
+                    if !ok && w.usable() {
+                        return Err(format!(
+                            "request {rid} on worker {wid} belongs to no lease waiting for it"
+                        ));
+                    }
+                }
+            }
+            if w.v2 && w.usable() && w.callers_in_flight() > 0 && w.heartbeat.is_none() {
+                return Err(format!("busy v2 worker {wid} without a heartbeat"));
+            }
+        }
+        // A shared worker with room leaves no execute waiting for any worker, nor for it.
+        for (wid, w) in &self.workers {
+            if w.status != Status::Shared || !self.can_share(w) || self.closed {
+                continue;
+            }
+            let mut waiting = self.queue.any_lane().chain(self.queue.waiting_for(*wid));
+            if let Some(l) = waiting.find(|l| self.leases.get(l).is_some_and(|e| !e.checkout)) {
+                return Err(format!(
+                    "execute {l} waits while shared worker {wid} has room"
+                ));
+            }
+        }
+        let queued_checkouts = self
+            .leases
+            .iter()
+            .filter(|(id, l)| l.checkout && self.queue.contains(**id))
+            .count();
+        if queued_checkouts != self.checkouts_waiting.len() {
+            return Err("checkout index out of step with the queue".into());
         }
         if idle != self.idle.len() {
             return Err("idle set out of step with the workers".into());
@@ -79,7 +141,12 @@ impl<R> Core<R> {
         let busy = self
             .workers
             .values()
-            .filter(|w| matches!(w.status, Status::Leased(_) | Status::Chores))
+            .filter(|w| {
+                matches!(
+                    w.status,
+                    Status::Leased(_) | Status::Shared | Status::Chores
+                )
+            })
             .count();
         if (status.ready, status.busy, status.queued, status.open_leases)
             != (idle, busy, queued, self.leases.len())

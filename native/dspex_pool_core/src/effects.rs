@@ -10,7 +10,7 @@
 use bytes::Bytes;
 
 use crate::error::PoolError;
-use crate::WorkerId;
+use crate::{LeaseId, WorkerId};
 
 /// What the pool tells a lease holder.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +61,10 @@ pub enum Effect<R> {
     Signal { worker: WorkerId, signal: Signal },
     /// Hand `delivery` to a lease holder.
     Deliver { to: R, delivery: Delivery },
+    /// An intermediate frame (`{"id": N, "event": ...}`, the whole JSON text) for the request
+    /// `lease` has in flight: hand it to the holder of that lease's reply handle
+    /// ([`crate::Core::reply_of`]) without consuming the handle.
+    Event { lease: LeaseId, body: Bytes },
     /// Drop a reply handle that will never be used (the answer was the call's return value).
     Discard(R),
     /// A line for the pool's owner (Logger).

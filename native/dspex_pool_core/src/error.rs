@@ -47,9 +47,14 @@ pub enum PoolError {
     /// The arguments cannot be encoded as JSON; nothing was sent.
     #[error("invalid args: {0}")]
     InvalidArgs(String),
-    /// The request took longer than its `:timeout`; the worker was recycled.
+    /// The request took longer than its `:timeout`: a v2 worker was sent a cancel for it, a
+    /// one-at-a-time worker was recycled.
     #[error("request timed out after {0} ms")]
     Timeout(u64),
+    /// A v2 worker sent nothing at all (not even a heartbeat answer) for this many ms while
+    /// the request was in flight; it was recycled.
+    #[error("the worker sent nothing for {0} ms (heartbeat timeout); it was recycled")]
+    Unresponsive(u64),
     /// The worker process ended while the request was in flight.
     #[error("worker exited while the request was in flight ({0})")]
     WorkerExited(ExitInfo),

@@ -52,6 +52,9 @@ pub fn encode_request(
 pub struct Response {
     pub id: u64,
     pub outcome: Result<Bytes, PoolError>,
+    /// An intermediate frame of protocol v2 (`{"id": N, "event": ...}`): `outcome` is then
+    /// `Ok` with the whole frame's JSON text, and more frames follow for `id`.
+    pub event: bool,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +65,8 @@ struct Wire<'a> {
     result: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     error: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    event: Option<&'a RawValue>,
 }
 
 /// `Some` whenever the key is present, `null` included (plain `Option` would read `null` as
@@ -88,6 +93,13 @@ pub fn decode_response(body: &Bytes) -> Result<Response, PoolError> {
         }
     };
     let id = wire.id.ok_or(PoolError::Malformed)?;
+    if wire.event.is_some() && wire.success.is_none() {
+        return Ok(Response {
+            id,
+            outcome: Ok(body.clone()),
+            event: true,
+        });
+    }
     let outcome = match (wire.success, wire.result, wire.error) {
         (Some(true), Some(raw), _) => {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
@@ -98,7 +110,72 @@ pub fn decode_response(body: &Bytes) -> Result<Response, PoolError> {
         )),
         _ => return Err(PoolError::Malformed),
     };
-    Ok(Response { id, outcome })
+    Ok(Response {
+        id,
+        outcome,
+        event: false,
+    })
+}
+
+/// The arguments of the start-up ping: asks for protocol v2.
+pub fn handshake_args(max_frame: usize) -> Vec<u8> {
+    format!(r#"{{"handshake":true,"protocol":2,"max_frame_size":{max_frame}}}"#).into_bytes()
+}
+
+/// What a worker announced in its handshake reply: `Some(concurrency)` for protocol v2
+/// (at least 1), `None` for a one-at-a-time worker.
+pub fn announced_concurrency(result: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Hello {
+        protocol: Option<serde_json::Value>,
+        concurrency: Option<serde_json::Value>,
+    }
+    let hello: Hello = serde_json::from_slice(result).ok()?;
+    if hello.protocol.and_then(|p| p.as_u64()) != Some(2) {
+        return None;
+    }
+    let n = hello.concurrency.and_then(|c| c.as_u64()).unwrap_or(1);
+    Some(n.clamp(1, u32::MAX as u64) as u32)
+}
+
+/// A control frame (header included) for request `id`: `body` is a JSON object, written with
+/// `"id": id` first.
+///
+/// # Errors
+/// [`PoolError::InvalidArgs`] when `body` is not a JSON object or exceeds `max_frame`.
+pub fn encode_control(id: u64, body: &[u8], max_frame: usize) -> Result<Vec<u8>, PoolError> {
+    let not_object = || PoolError::InvalidArgs("a control frame must be a JSON object".into());
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|_| not_object())?;
+    if map.contains_key("id") {
+        return Err(PoolError::InvalidArgs(
+            "a control frame's id is the pool's to set".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(body.len() + 32);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+    for (k, v) in &map {
+        out.push(b',');
+        serde_json::to_writer(&mut out, k).expect("a string serialises");
+        out.push(b':');
+        serde_json::to_writer(&mut out, v).expect("a value serialises");
+    }
+    out.push(b'}');
+    let len = out.len() - 4;
+    if len > max_frame {
+        return Err(PoolError::InvalidArgs(format!(
+            "the control frame is {len} bytes, over the pool's max_frame_size of {max_frame} bytes"
+        )));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// A cancel control frame for request `id`.
+pub fn encode_cancel(id: u64) -> Vec<u8> {
+    encode_control(id, br#"{"control":"cancel"}"#, usize::MAX).expect("a valid control")
 }
 
 #[cfg(test)]
@@ -140,6 +217,55 @@ mod tests {
             err.outcome.unwrap_err(),
             PoolError::Python("boom \"q\"".into())
         );
+    }
+
+    #[test]
+    fn events_handshakes_and_controls() {
+        let ev = decode(br#"{"id":5,"event":"chunk","field":"a","text":"x"}"#).unwrap();
+        assert!(ev.event);
+        assert_eq!(ev.id, 5);
+        assert_eq!(
+            &ev.outcome.unwrap()[..],
+            br#"{"id":5,"event":"chunk","field":"a","text":"x"}"#
+        );
+        assert!(
+            !decode(br#"{"id":5,"success":true,"result":1}"#)
+                .unwrap()
+                .event
+        );
+        // `id: null` (a request the bridge could not parse) is not a response of any request.
+        assert_eq!(
+            decode(br#"{"id":null,"success":false,"error":"bad"}"#).unwrap_err(),
+            PoolError::Malformed
+        );
+        assert_eq!(
+            announced_concurrency(br#"{"status":"ok","protocol":2,"concurrency":64}"#),
+            Some(64)
+        );
+        assert_eq!(announced_concurrency(br#"{"status":"ok"}"#), None);
+        assert_eq!(
+            announced_concurrency(br#"{"protocol":3,"concurrency":9}"#),
+            None
+        );
+        assert_eq!(announced_concurrency(b"\"pong\""), None);
+        let args: Value = serde_json::from_slice(&handshake_args(1024)).unwrap();
+        assert_eq!(
+            args,
+            serde_json::json!({"handshake": true, "protocol": 2, "max_frame_size": 1024})
+        );
+        let cancel = encode_cancel(9);
+        assert_eq!(&cancel[4..], br#"{"id":9,"control":"cancel"}"#);
+        let tool = encode_control(
+            3,
+            br#"{"control":"tool_result","call_id":1,"ok":true}"#,
+            1024,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&tool[4..]).unwrap();
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["call_id"], 1);
+        assert!(encode_control(3, b"[1]", 1024).is_err());
+        assert!(encode_control(3, br#"{"id":4}"#, 1024).is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Claiming workers: acquire, call, release, and handing free workers to waiters.
 //!
 //! A lease is served at once by an idle worker (its session's home first, then the most
-//! recently used one, which keeps hot workers hot and lets overflow ones retire) or waits in
-//! the [`crate::queue::WaitQueue`]. A worker that becomes free runs its chores first, then
+//! recently used one, which keeps hot workers hot and lets overflow ones retire) or, for an
+//! execute, by a shared worker with room (its session's home while it has room, else the
+//! least loaded), or waits in the [`crate::queue::WaitQueue`]. A v2 worker's request that
+//! times out or whose holder leaves is cancelled (a control frame), not a reason to recycle. A worker that becomes free runs its chores first, then
 //! serves a waiter, then idles. The pool grows (permanent workers first, overflow once every
 //! permanent one is up and busy) while waiters outnumber the workers that could serve them.
 
@@ -53,6 +55,7 @@ impl<R> Core<R> {
             fx.push(Effect::Discard(reply));
             return Err(err);
         }
+        let execute = once.is_some();
         let mut target = None;
         // The one worker this lease waits for, and until when (`None`: for good).
         let mut home_wait: Option<(WorkerId, Option<Instant>)> = None;
@@ -81,7 +84,9 @@ impl<R> Core<R> {
                     return Err(PoolError::SessionLost(id.to_string()));
                 }
                 (Some(h), true, for_good) => {
-                    if self.workers[&h].status == Status::Idle {
+                    let w = &self.workers[&h];
+                    // An execute shares its home while it has room; a checkout needs it idle.
+                    if w.status == Status::Idle || (execute && self.can_share(w)) {
                         target = Some(h);
                     } else {
                         let until = (!for_good).then(|| now + self.config.affinity_wait);
@@ -95,7 +100,11 @@ impl<R> Core<R> {
             home_wait = None;
         }
         if target.is_none() && home_wait.is_none() {
-            target = self.pick_idle();
+            target = if execute {
+                self.pick_least_loaded()
+            } else {
+                self.pick_idle()
+            };
         }
         let deadline = later(now, pool_timeout);
         let affinity_until = home_wait.and_then(|(_, u)| u);
@@ -123,6 +132,9 @@ impl<R> Core<R> {
             }
             None => {
                 self.queue.push_back(lease, home_wait.map(|(h, _)| h));
+                if !execute {
+                    self.checkouts_waiting.insert(lease);
+                }
                 if let Mode::Session { id, strict: true } = &self.leases[&lease].mode {
                     let id = id.clone();
                     self.strict_waiting.entry(id).or_default().insert(lease);
@@ -158,6 +170,18 @@ impl<R> Core<R> {
         self.idle.last().map(|(_, w)| *w)
     }
 
+    /// For an execute: an idle worker (the most recently used), else the shared worker with
+    /// the fewest requests in flight that has room. O(workers) when none is idle.
+    pub(crate) fn pick_least_loaded(&self) -> Option<WorkerId> {
+        self.pick_idle().or_else(|| {
+            self.workers
+                .iter()
+                .filter(|(_, w)| w.status == Status::Shared && self.can_share(w))
+                .min_by_key(|(id, w)| (w.callers_in_flight(), **id))
+                .map(|(id, _)| *id)
+        })
+    }
+
     /// Gives `wid` to `lease`: a checkout is told (if it waited), an execute's request is sent.
     pub(crate) fn assign(
         &mut self,
@@ -188,7 +212,16 @@ impl<R> Core<R> {
             .reply
             .take()
             .expect("a lease being served has a reply handle");
-        self.set_status(wid, Status::Leased(lease));
+        // An execute on a worker that runs several requests at once shares it.
+        let shared = once.is_some() && self.workers[&wid].capacity > 1;
+        self.set_status(
+            wid,
+            if shared {
+                Status::Shared
+            } else {
+                Status::Leased(lease)
+            },
+        );
         self.set_alarm(wid, None);
         if let Mode::Session { id, strict } = &mode {
             if let Some(r) = self.sessions.get_mut(id) {
@@ -317,6 +350,12 @@ impl<R> Core<R> {
             },
         );
         self.timers.arm(deadline, Timer::Request(wid, rid));
+        if w.v2 && w.heartbeat.is_none() {
+            // A busy spell begins: silence is measured from now.
+            w.last_heard = now;
+            let at = later(now, self.heartbeat_interval());
+            self.set_heartbeat(wid, Some(at));
+        }
         let entry = self.leases.get_mut(&lease).expect("lease exists");
         entry.reply = Some(reply);
         entry.request = Some((wid, rid));
@@ -339,8 +378,88 @@ impl<R> Core<R> {
         entry.request = None;
         if !entry.checkout {
             self.remove_lease(lease);
-            self.worker_free(wid, now, fx);
+            self.request_done(wid, now, fx);
         }
+    }
+
+    /// An execute request of `wid` ended: a worker leased to it is free, a shared one takes
+    /// more work (or is free once its last request ended).
+    pub(crate) fn request_done(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        let Some(w) = self.workers.get(&wid) else {
+            return;
+        };
+        match w.status {
+            Status::Shared if w.callers_in_flight() > 0 => self.fill(wid, now, fx),
+            _ => self.worker_free(wid, now, fx),
+        }
+    }
+
+    /// Whether a worker takes one more execute now: it has room, and no checkout waits (a
+    /// waiting checkout lets shared workers drain, so that one becomes free for it).
+    pub(crate) fn can_share(&self, w: &crate::state::Worker) -> bool {
+        w.has_room() && (w.status == Status::Idle || self.checkouts_waiting.is_empty())
+    }
+
+    /// Gives a shared worker queued execute requests while it has room.
+    pub(crate) fn fill(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        while self.workers.get(&wid).is_some_and(|w| self.can_share(w)) {
+            let leases = &self.leases;
+            let Some(lease) = self
+                .queue
+                .pop_for_where(wid, |l| leases.get(&l).is_some_and(|e| !e.checkout))
+            else {
+                return;
+            };
+            self.assign(lease, wid, true, now, fx);
+        }
+    }
+
+    /// Cancels request `rid` on a v2 worker: it leaves the books, a cancel frame is written,
+    /// and anything the worker still sends for it is dropped.
+    pub(crate) fn cancel(&mut self, wid: WorkerId, rid: crate::RequestId, fx: &mut Effects<R>) {
+        if self.take_pending(wid, rid).is_some() {
+            self.counters.cancelled += 1;
+            fx.push(Effect::Write {
+                worker: wid,
+                bytes: frame::encode_cancel(rid),
+            });
+        }
+    }
+
+    /// A control frame for the request `lease` has in flight (protocol v2 only).
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidArgs`] when `body` is not a JSON object (or too large),
+    /// [`PoolError::CheckoutFailed`] when `lease` has no request in flight on a v2 worker.
+    pub fn control(
+        &mut self,
+        lease: LeaseId,
+        body: &[u8],
+        fx: &mut Effects<R>,
+    ) -> Result<(), PoolError> {
+        let none = || PoolError::CheckoutFailed("this lease has no request in flight".into());
+        let (wid, rid) = self
+            .leases
+            .get(&lease)
+            .and_then(|e| e.request)
+            .ok_or_else(none)?;
+        let w = self.workers.get(&wid).ok_or_else(none)?;
+        if !w.inflight.contains_key(&rid) {
+            return Err(none());
+        }
+        if !w.v2 {
+            return Err(PoolError::CheckoutFailed(
+                "the worker does not speak protocol 2: it takes no control frames".into(),
+            ));
+        }
+        let bytes = frame::encode_control(rid, body, self.config.max_frame_size)?;
+        fx.push(Effect::Write { worker: wid, bytes });
+        Ok(())
+    }
+
+    /// How long a busy v2 worker may be silent before it is pinged.
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        (self.config.heartbeat_timeout / 3).max(Duration::from_millis(1))
     }
 
     /// Ends a lease: checkin, a dropped checkout, or a holder that died. Idempotent.
@@ -352,10 +471,19 @@ impl<R> Core<R> {
             fx.push(Effect::Discard(reply));
         }
         if let LeaseState::Holding { worker } = entry.state {
-            if self.workers.get(&worker).map(|w| w.status) != Some(Status::Leased(lease)) {
+            let Some(w) = self.workers.get(&worker) else {
+                return;
+            };
+            let mine = w.status == Status::Leased(lease)
+                || (w.status == Status::Shared && entry.request.is_some_and(|(r, _)| r == worker));
+            if !mine {
                 return;
             }
-            if entry.request.is_some() {
+            if let (Some((_, rid)), true) = (entry.request, w.v2) {
+                // Its holder is gone mid-request: a v2 worker is told to stop it.
+                self.cancel(worker, rid, fx);
+                self.request_done(worker, now, fx);
+            } else if entry.request.is_some() {
                 // Its holder is gone mid-request: the worker's state is unknown.
                 self.kill_worker(
                     worker,
@@ -389,8 +517,30 @@ impl<R> Core<R> {
         };
         if !matches!(
             w.status,
-            Status::Idle | Status::Leased(_) | Status::Chores | Status::Starting
+            Status::Idle | Status::Leased(_) | Status::Shared | Status::Chores | Status::Starting
         ) {
+            return;
+        }
+        if w.v2 && w.heartbeat.is_some() {
+            // Its busy spell is over: an outstanding heartbeat ping is forgotten (its answer
+            // is dropped as an unknown id).
+            let pings: Vec<_> = w
+                .inflight
+                .iter()
+                .filter(|(_, p)| matches!(p.kind, PendingKind::Heartbeat))
+                .map(|(r, _)| *r)
+                .collect();
+            for rid in pings {
+                self.take_pending(wid, rid);
+            }
+            self.set_heartbeat(wid, None);
+        }
+        let w = &self.workers[&wid];
+        if !w.inflight.is_empty() && w.status != Status::Starting {
+            // A v2 worker may answer a request before the internal one sent ahead of it (a
+            // restore): it is free once that is answered too.
+            self.set_status(wid, Status::Chores);
+            self.set_alarm(wid, None);
             return;
         }
         if self.closed {
@@ -405,6 +555,7 @@ impl<R> Core<R> {
         self.set_status(wid, Status::Idle);
         if let Some(lease) = self.queue.pop_for(wid) {
             self.assign(lease, wid, true, now, fx);
+            self.fill(wid, now, fx);
             return;
         }
         let w = &self.workers[&wid];
@@ -413,6 +564,15 @@ impl<R> Core<R> {
     }
 
     fn run_chores(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
+        self.send_chores(wid, now, fx);
+        self.set_status(wid, Status::Chores);
+        self.set_alarm(wid, None);
+    }
+
+    /// Writes a worker's pending chores (each with its own deadline); its status is the
+    /// caller's business. A shared v2 worker gets them at once, next to its requests, instead
+    /// of refusing work until it drains.
+    pub(crate) fn send_chores(&mut self, wid: WorkerId, now: Instant, fx: &mut Effects<R>) {
         let chores: Vec<_> = self
             .workers
             .get_mut(&wid)
@@ -436,8 +596,6 @@ impl<R> Core<R> {
             );
             self.timers.arm(deadline, Timer::Request(wid, rid));
         }
-        self.set_status(wid, Status::Chores);
-        self.set_alarm(wid, None);
         fx.push(Effect::Write { worker: wid, bytes });
     }
 
@@ -450,7 +608,29 @@ impl<R> Core<R> {
             }
             if let Some(lease) = self.queue.pop_for(wid) {
                 self.assign(lease, wid, true, now, fx);
+                self.fill(wid, now, fx);
             }
+        }
+        self.fill_shared(now, fx);
+    }
+
+    /// Gives queued executes to shared workers with room.
+    pub(crate) fn fill_shared(&mut self, now: Instant, fx: &mut Effects<R>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut shared: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.status == Status::Shared && w.has_room())
+            .map(|(id, _)| *id)
+            .collect();
+        shared.sort_unstable();
+        for wid in shared {
+            if self.queue.is_empty() {
+                return;
+            }
+            self.fill(wid, now, fx);
         }
     }
 

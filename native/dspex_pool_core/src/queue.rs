@@ -121,6 +121,43 @@ impl WaitQueue {
         Some(lease)
     }
 
+    /// Like [`WaitQueue::pop_for`], for a worker that serves only the waiters `eligible`
+    /// accepts (a shared worker takes no checkout): the first eligible waiter of its lane or
+    /// of the any lane, whichever queued first. O(waiters skipped).
+    pub fn pop_for_where(
+        &mut self,
+        worker: WorkerId,
+        eligible: impl Fn(LeaseId) -> bool,
+    ) -> Option<LeaseId> {
+        let own = self
+            .homes
+            .get(&worker)
+            .and_then(|lane| lane.iter().find(|(_, l)| eligible(**l)))
+            .map(|(s, l)| (*s, *l, Some(worker)));
+        let any = self
+            .any
+            .iter()
+            .find(|(_, l)| eligible(**l))
+            .map(|(s, l)| (*s, *l, None));
+        let (_, lease, _) = match (own, any) {
+            (Some(a), Some(b)) => {
+                if a.0 < b.0 {
+                    a
+                } else {
+                    b
+                }
+            }
+            (a, b) => a.or(b)?,
+        };
+        self.remove(lease);
+        Some(lease)
+    }
+
+    /// The waiters that accept any worker, in order (they stay queued).
+    pub fn any_lane(&self) -> impl Iterator<Item = LeaseId> + '_ {
+        self.any.values().copied()
+    }
+
     /// Whether some waiter accepts any worker.
     pub fn any_waiting(&self) -> bool {
         !self.any.is_empty()

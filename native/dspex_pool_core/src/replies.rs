@@ -1,10 +1,13 @@
 //! Frames from a worker: which request each answers, and what its reply does.
 //!
 //! Replies are matched to in-flight requests by id ([`FrameMatch`]). A one-at-a-time (v1)
-//! worker answers in order, so anything but the oldest id is a protocol error; protocol v2
-//! will match any in-flight id and drop the late replies of cancelled requests. A reply to the
-//! start-up ping completes the start; a caller's reply is recorded (session state, global LM),
-//! delivered, and ends an execute lease.
+//! worker answers in order, so anything but the oldest id is a protocol error; a v2 worker's
+//! frames match any in-flight id, and a frame for an id the pool finished (a cancelled or
+//! timed-out request, a forgotten heartbeat ping) is dropped. An intermediate frame
+//! (`"event"`) goes to the request's caller ([`crate::Effect::Event`]) and the request stays
+//! in flight. A reply to the start-up ping completes the start and, with `"protocol": 2`, sets
+//! the worker's capacity; a caller's reply is recorded (session state, global LM), delivered,
+//! and ends an execute lease. Every frame of a worker is a sign of life for its heartbeat.
 
 use std::time::Instant;
 
@@ -21,20 +24,28 @@ use crate::{RequestId, WorkerId};
 pub enum FrameMatch {
     /// The reply to this request.
     Expected(RequestId),
-    /// An id no in-flight request has (or, for a one-at-a-time worker, not the oldest). With
-    /// protocol v2 this becomes the late reply of a cancelled request, to be dropped.
+    /// An id no in-flight request has (or, for a one-at-a-time worker, not the oldest). From a
+    /// v2 worker this is the late frame of a request the pool finished (cancelled, timed out):
+    /// dropped. From a one-at-a-time worker it is a protocol error: the worker is recycled.
     UnknownId(u64),
 }
 
 impl<R> Core<R> {
     /// Which in-flight request a frame with `id` answers.
     pub fn match_frame(&self, wid: WorkerId, id: u64) -> FrameMatch {
-        let oldest = self
-            .workers
-            .get(&wid)
-            .and_then(|w| w.inflight.keys().next().copied());
+        let Some(w) = self.workers.get(&wid) else {
+            return FrameMatch::UnknownId(id);
+        };
+        if w.v2 {
+            // Replies come in any order, matched by id.
+            return if w.inflight.contains_key(&id) {
+                FrameMatch::Expected(id)
+            } else {
+                FrameMatch::UnknownId(id)
+            };
+        }
         // A one-at-a-time (v1) worker answers in order.
-        match oldest {
+        match w.inflight.keys().next().copied() {
             Some(rid) if rid == id => FrameMatch::Expected(rid),
             _ => FrameMatch::UnknownId(id),
         }
@@ -53,9 +64,13 @@ impl<R> Core<R> {
         };
         if !matches!(
             w.status,
-            Status::Starting | Status::Idle | Status::Leased(_) | Status::Chores
+            Status::Starting | Status::Idle | Status::Leased(_) | Status::Shared | Status::Chores
         ) {
             return; // leftovers of a worker on its way out
+        }
+        let v2 = w.v2;
+        if let Some(w) = self.workers.get_mut(&wid) {
+            w.last_heard = now;
         }
         let response = match frame {
             Ok(r) => r,
@@ -64,9 +79,18 @@ impl<R> Core<R> {
                 return self.problem(wid, &why, move |_| e.clone(), now, fx);
             }
         };
+        if response.event && !v2 {
+            let why = "it sent an intermediate frame without protocol 2";
+            return self.problem(wid, why, |_| PoolError::Malformed, now, fx);
+        }
         let rid = match self.match_frame(wid, response.id) {
             FrameMatch::Expected(rid) => rid,
-            FrameMatch::UnknownId(_) if w.inflight.is_empty() => {
+            FrameMatch::UnknownId(id) if v2 => {
+                let line = format!("dropped a frame for finished request {id} of worker {wid}");
+                self.log(fx, wid, Level::Debug, line);
+                return;
+            }
+            FrameMatch::UnknownId(_) if self.workers[&wid].inflight.is_empty() => {
                 let why = "it wrote a frame nobody asked for";
                 return self.problem(wid, why, |_| PoolError::ResponseMismatch, now, fx);
             }
@@ -75,13 +99,33 @@ impl<R> Core<R> {
                 return self.problem(wid, why, |_| PoolError::ResponseMismatch, now, fx);
             }
         };
+        if response.event {
+            // An intermediate frame: the request stays in flight.
+            let w = &self.workers[&wid];
+            if let PendingKind::Caller { lease, .. } = w.inflight[&rid].kind {
+                if let Ok(body) = response.outcome {
+                    fx.push(Effect::Event { lease, body });
+                }
+            }
+            return;
+        }
         let pending = self.take_pending(wid, rid).expect("matched");
         let done = self.workers[&wid].inflight.is_empty();
         match pending.kind {
+            PendingKind::Heartbeat => {}
             PendingKind::Handshake => {
-                if let Err(e) = response.outcome {
-                    let why = format!("its start-up ping failed: {e}");
-                    return self.start_problem(wid, why, now, fx);
+                let hello = match response.outcome {
+                    Ok(hello) => hello,
+                    Err(e) => {
+                        let why = format!("its start-up ping failed: {e}");
+                        return self.start_problem(wid, why, now, fx);
+                    }
+                };
+                if let Some(n) = crate::frame::announced_concurrency(&hello) {
+                    let cap = self.config.worker_concurrency.map_or(n, |c| c.min(n));
+                    let w = self.workers.get_mut(&wid).expect("present");
+                    w.v2 = true;
+                    w.capacity = cap.max(1);
                 }
                 self.start_failures_in_a_row = 0;
                 self.last_start_error = None;
@@ -122,16 +166,21 @@ impl<R> Core<R> {
             PendingKind::Restore {
                 session,
                 generation,
-            } => match response.outcome {
-                Ok(_) => {
-                    let w = self.workers.get_mut(&wid).expect("present");
-                    w.sessions.insert(session, generation);
+            } => {
+                match response.outcome {
+                    Ok(_) => {
+                        let w = self.workers.get_mut(&wid).expect("present");
+                        w.sessions.insert(session, generation);
+                    }
+                    Err(e) => {
+                        let line = format!("could not re-create session {session:?}: {e}");
+                        self.log(fx, wid, Level::Warning, line);
+                    }
                 }
-                Err(e) => {
-                    let line = format!("could not re-create session {session:?}: {e}");
-                    self.log(fx, wid, Level::Warning, line);
+                if done && self.workers[&wid].status == Status::Chores {
+                    self.worker_free(wid, now, fx);
                 }
-            },
+            }
             PendingKind::Caller {
                 lease,
                 command,

@@ -51,7 +51,13 @@ impl<R> Core<R> {
         let (epoch, generation, has_state) = (record.epoch, record.generation, record.has_state());
         let restore_args = (!strict && has_state).then(|| record.restore_args(id));
         let w = self.workers.get_mut(&wid).expect("worker exists");
-        let current = w.sessions.get(id) == Some(&generation);
+        // A restore of this very generation already on its way (a shared worker serving two
+        // requests of the session) is enough.
+        let restoring = w.inflight.values().any(|p| {
+            matches!(&p.kind, PendingKind::Restore { session, generation: g }
+                if session == id && *g == generation)
+        });
+        let current = restoring || w.sessions.get(id) == Some(&generation);
         let mut restore = None;
         match restore_args {
             // A strict session is never re-created; the worker is still marked as holding it,
@@ -138,14 +144,23 @@ impl<R> Core<R> {
         holders.sort_unstable();
         for wid in holders {
             let w = self.workers.get_mut(&wid).expect("present");
+            let running_it = w.inflight.values().any(|p| {
+                matches!(&p.kind, PendingKind::Caller { session: Some((s, _)), .. }
+                    if &**s == session)
+            });
             w.sessions.remove(session);
             w.strict.remove(session);
             w.chores.push_back(Chore {
                 command: "cleanup_session",
                 args: args.clone(),
             });
-            if w.status == Status::Idle {
-                self.worker_free(wid, now, fx);
+            match w.status {
+                Status::Idle => self.worker_free(wid, now, fx),
+                // A shared worker not running one of its requests frees it at once.
+                Status::Shared if !running_it && w.chores.len() == 1 => {
+                    self.send_chores(wid, now, fx)
+                }
+                _ => {}
             }
         }
     }

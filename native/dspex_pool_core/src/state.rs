@@ -9,9 +9,10 @@
 //!
 //! Words: a *lease* is one caller's claim on a worker (an execute, released with its reply, or
 //! a checkout, held until checkin); a *request* is one frame sent to a worker and awaiting its
-//! reply, keyed by a pool-unique id. A worker has a capacity of in-flight requests (1 today;
-//! protocol v2 lets a worker announce more); leases and requests are kept apart so that one
-//! worker may later serve several leases at once.
+//! reply, keyed by a pool-unique id. A worker has a capacity of in-flight requests: 1, or what
+//! it announced in its protocol v2 handshake (capped by `worker_concurrency`). A worker with a
+//! capacity over 1 is *shared* by execute leases (up to its capacity at once); a checkout
+//! always leases a worker to itself.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -36,6 +37,9 @@ pub(crate) enum Status {
     Failing,
     Idle,
     Leased(LeaseId),
+    /// Running execute requests of several leases at once (a worker whose capacity is over 1;
+    /// checkouts still lease a worker to themselves).
+    Shared,
     /// Running internal commands (init, restore, cleanup) with no lease.
     Chores,
     /// Asked to shut down (stop, idle retirement); waiting for its exit.
@@ -47,6 +51,8 @@ pub(crate) enum Status {
 #[derive(Debug)]
 pub(crate) enum PendingKind {
     Handshake,
+    /// A heartbeat ping to a v2 worker whose requests take long.
+    Heartbeat,
     Chore,
     Restore {
         session: Arc<str>,
@@ -83,8 +89,15 @@ pub(crate) struct Worker {
     pub pid: Option<u32>,
     /// Passed its start-up ping: failures from now on are recycling, not start failures.
     pub started: bool,
-    /// Requests it may run at once (`worker_concurrency`); 1 until protocol v2.
+    /// Requests it may run at once: 1 until its handshake announces protocol v2, then the
+    /// smaller of its announced concurrency and `worker_concurrency`.
     pub capacity: u32,
+    /// Speaks protocol v2 (replies matched by id, control frames, heartbeat).
+    pub v2: bool,
+    /// When it last sent a frame, or when its first request of a busy spell was sent (v2).
+    pub last_heard: Instant,
+    /// Its armed [`Timer::Heartbeat`] deadline.
+    pub heartbeat: Option<Instant>,
     /// Requests sent and not answered, by id (ids grow, so the first is the oldest).
     pub inflight: BTreeMap<RequestId, Pending>,
     /// The generation of each session's state this worker holds.
@@ -107,8 +120,24 @@ impl Worker {
     pub fn usable(&self) -> bool {
         matches!(
             self.status,
-            Status::Idle | Status::Leased(_) | Status::Chores
+            Status::Idle | Status::Leased(_) | Status::Shared | Status::Chores
         )
+    }
+
+    /// Callers' requests in flight.
+    pub fn callers_in_flight(&self) -> usize {
+        self.inflight.len() - self.chores_in_flight()
+    }
+
+    /// Can take one more execute request now: idle, or shared with room and no chores due.
+    pub fn has_room(&self) -> bool {
+        match self.status {
+            Status::Idle => true,
+            Status::Shared => {
+                self.chores.is_empty() && self.callers_in_flight() < self.capacity as usize
+            }
+            _ => false,
+        }
     }
 
     /// On its way to serving.
@@ -162,6 +191,12 @@ pub struct Core<R> {
     pub(crate) sessions: HashMap<Arc<str>, SessionRecord>,
     /// Queued `:strict` leases by session, to follow the session to its strict home.
     pub(crate) strict_waiting: HashMap<Arc<str>, HashSet<LeaseId>>,
+    /// Queued checkouts: while any waits, shared workers take no new request, so that one
+    /// drains and a checkout is never starved by a stream of executes.
+    pub(crate) checkouts_waiting: HashSet<LeaseId>,
+    /// The last waiting checkout left the queue: shared workers take queued executes again
+    /// (done at the end of the step).
+    pub(crate) refill: bool,
     /// Replayed on every new worker: the global `configure_lm`.
     pub(crate) init: Vec<Chore>,
     /// Idle workers by when they became idle (the last is the most recently used).
@@ -193,6 +228,8 @@ impl<R> Core<R> {
             timers: Timers::default(),
             sessions: HashMap::new(),
             strict_waiting: HashMap::new(),
+            checkouts_waiting: HashSet::new(),
+            refill: false,
             init: Vec::new(),
             idle: BTreeSet::new(),
             idle_clock: 0,
@@ -220,6 +257,14 @@ impl<R> Core<R> {
 
     /// Applies one event at `now`.
     pub fn step(&mut self, event: Event<R>, now: Instant, fx: &mut Effects<R>) -> Outcome {
+        let outcome = self.dispatch(event, now, fx);
+        if std::mem::take(&mut self.refill) {
+            self.fill_shared(now, fx);
+        }
+        outcome
+    }
+
+    fn dispatch(&mut self, event: Event<R>, now: Instant, fx: &mut Effects<R>) -> Outcome {
         match event {
             Event::Acquire {
                 lease,
@@ -243,6 +288,7 @@ impl<R> Core<R> {
                 request,
                 reply,
             } => Outcome::Called(self.call(lease, request, reply, now, fx)),
+            Event::Control { lease, body } => Outcome::Called(self.control(lease, &body, fx)),
             Event::Release { lease } => {
                 self.release(lease, now, fx);
                 Outcome::Done
@@ -310,6 +356,8 @@ impl<R> Core<R> {
             max_overflow: self.config.max_overflow,
             ready: 0,
             busy: 0,
+            in_flight: 0,
+            capacity: 0,
             starting: 0,
             overflow: 0,
             queued: self.queue.len(),
@@ -323,8 +371,12 @@ impl<R> Core<R> {
             match w.status {
                 Status::Backoff | Status::Spawning | Status::Starting => out.starting += 1,
                 Status::Idle => out.ready += 1,
-                Status::Leased(_) | Status::Chores => out.busy += 1,
+                Status::Leased(_) | Status::Shared | Status::Chores => out.busy += 1,
                 Status::Failing | Status::Stopping | Status::Dead => continue,
+            }
+            if w.usable() {
+                out.capacity += w.capacity as usize;
+                out.in_flight += w.callers_in_flight();
             }
             if w.overflow {
                 out.overflow += 1;
@@ -342,6 +394,19 @@ impl<R> Core<R> {
             self.leases.get(&lease).map(|l| &l.state),
             Some(LeaseState::Holding { .. })
         )
+    }
+
+    /// The reply handle of `lease` while it waits or has a request in flight (for
+    /// [`Effect::Event`]).
+    pub fn reply_of(&self, lease: LeaseId) -> Option<&R> {
+        self.leases.get(&lease).and_then(|l| l.reply.as_ref())
+    }
+
+    /// Callers' requests in flight on `worker` and its capacity (tests).
+    pub fn load_of(&self, worker: WorkerId) -> Option<(usize, u32)> {
+        self.workers
+            .get(&worker)
+            .map(|w| (w.callers_in_flight(), w.capacity))
     }
 
     /// Whether `lease` waits in the queue.
@@ -419,6 +484,19 @@ impl<R> Core<R> {
         }
     }
 
+    pub(crate) fn set_heartbeat(&mut self, wid: WorkerId, at: Option<Instant>) {
+        let Some(w) = self.workers.get_mut(&wid) else {
+            return;
+        };
+        if let Some(old) = w.heartbeat.take() {
+            self.timers.disarm(old, Timer::Heartbeat(wid));
+        }
+        if let Some(at) = at {
+            w.heartbeat = Some(at);
+            self.timers.arm(at, Timer::Heartbeat(wid));
+        }
+    }
+
     pub(crate) fn set_grace(&mut self, wid: WorkerId, next: Option<(Instant, Signal)>) {
         let Some(w) = self.workers.get_mut(&wid) else {
             return;
@@ -479,8 +557,11 @@ impl<R> Core<R> {
         Some(entry)
     }
 
-    /// Takes a lease that leaves the queue out of the strict-waiter index.
+    /// Takes a lease that leaves the queue out of the strict-waiter and checkout indexes.
     pub(crate) fn unlist_strict(&mut self, lease: LeaseId, mode: &Mode) {
+        if self.checkouts_waiting.remove(&lease) && self.checkouts_waiting.is_empty() {
+            self.refill = true;
+        }
         if let Mode::Session { id, strict: true } = mode {
             if let Some(set) = self.strict_waiting.get_mut(id) {
                 set.remove(&lease);

@@ -25,6 +25,8 @@ pub enum Timer {
     Worker(WorkerId),
     /// The next step of a stopping worker's shutdown (SIGTERM, then SIGKILL).
     Grace(WorkerId),
+    /// A v2 worker with requests in flight: time to ping it, or to give up on it.
+    Heartbeat(WorkerId),
 }
 
 #[derive(Debug, Default)]

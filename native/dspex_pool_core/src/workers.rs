@@ -42,7 +42,10 @@ impl<R> Core<R> {
                 },
                 pid: None,
                 started: false,
-                capacity: self.config.worker_concurrency.max(1),
+                capacity: 1,
+                v2: false,
+                last_heard: now,
+                heartbeat: None,
                 inflight: Default::default(),
                 sessions: Default::default(),
                 strict: Default::default(),
@@ -95,8 +98,9 @@ impl<R> Core<R> {
             }
             Status::Spawning => {
                 let rid = self.next_request_id();
+                let hello = frame::handshake_args(self.config.max_frame_size);
                 let mut bytes =
-                    frame::encode_request(rid, "ping", b"{}", usize::MAX).expect("no limit");
+                    frame::encode_request(rid, "ping", &hello, usize::MAX).expect("no limit");
                 let mut pending = vec![(rid, PendingKind::Handshake)];
                 for chore in self.init.clone() {
                     let rid = self.next_request_id();
@@ -261,6 +265,7 @@ impl<R> Core<R> {
         self.set_status(wid, Status::Dead);
         self.set_alarm(wid, None);
         self.set_grace(wid, None);
+        self.set_heartbeat(wid, None);
         self.counters.recycled += 1;
         if signal {
             fx.push(Effect::Signal {
@@ -420,6 +425,7 @@ impl<R> Core<R> {
     fn remove_worker(&mut self, wid: WorkerId) {
         self.set_alarm(wid, None);
         self.set_grace(wid, None);
+        self.set_heartbeat(wid, None);
         self.set_status(wid, Status::Dead);
         self.take_all_pending(wid);
         self.workers.remove(&wid);
@@ -458,7 +464,7 @@ impl<R> Core<R> {
                 Status::Idle => self.shutdown_worker(wid, now, fx),
                 Status::Backoff => self.remove_worker(wid),
                 Status::Dead | Status::Stopping | Status::Failing | Status::Spawning => {}
-                Status::Starting | Status::Leased(_) | Status::Chores => {
+                Status::Starting | Status::Leased(_) | Status::Shared | Status::Chores => {
                     let grace = later(now, self.config.shutdown_grace);
                     self.set_grace(wid, Some((grace, Signal::Term)));
                 }
@@ -505,8 +511,11 @@ impl<R> Core<R> {
         for other in others {
             let w = self.workers.get_mut(&other).expect("present");
             w.chores.push_back(chore.clone());
-            if w.status == Status::Idle {
-                self.worker_free(other, now, fx);
+            match w.status {
+                Status::Idle => self.worker_free(other, now, fx),
+                // Only this one is due (none waits for a request to end): it goes out now.
+                Status::Shared if w.chores.len() == 1 => self.send_chores(other, now, fx),
+                _ => {}
             }
         }
     }

@@ -34,6 +34,7 @@ fn ok(worker: u64, id: u64) -> Event<u64> {
         frame: Ok(Response {
             id,
             outcome: Ok(Bytes::from_static(b"{}")),
+            event: false,
         }),
     }
 }

@@ -21,6 +21,7 @@
 //! `MODEL_SEED=<seed> cargo test -p dspex_pool_core --test model -- --nocapture`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,13 @@ use dspex_pool_core::{
     Acquired, Core, Delivery, Effect, Event, ExitInfo, Mode, Outcome, PoolConfig, PoolError,
     Request, Signal,
 };
+
+/// How often the sequences reached what protocol v2 added (checked over the whole run, so a
+/// generator change that stops reaching them fails the test).
+static SHARED_SEEN: AtomicU64 = AtomicU64::new(0);
+static EVENTS_SEEN: AtomicU64 = AtomicU64::new(0);
+static CANCELS_SEEN: AtomicU64 = AtomicU64::new(0);
+static CONTROLS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 /// xorshift64*: small, seedable, good enough to pick events.
 struct Rng(u64);
@@ -61,10 +69,14 @@ type Token = u64;
 
 #[derive(Default)]
 struct Proc {
-    /// Requests written to it and not yet answered: (id, command).
-    written: VecDeque<(u64, String)>,
+    /// Requests written to it and not yet answered: (id, command, the caller's token if any).
+    written: VecDeque<(u64, String, Option<Token>, bool)>,
     /// Signalled or asked to shut down: it will exit.
     dying: bool,
+    /// Speaks protocol v2: announces this concurrency, answers in any order, sends events.
+    v2: Option<u32>,
+    /// Ids it was told to cancel (it may still answer them: late replies).
+    cancelled: HashSet<u64>,
 }
 
 struct LeaseInfo {
@@ -96,6 +108,8 @@ struct World {
     anon_queue: Vec<u64>,
     served: HashSet<u64>,
     strict_home: HashMap<String, u64>,
+    /// Percent of processes that speak protocol v2.
+    v2_share: u64,
 }
 
 const SESSIONS: [&str; 3] = ["s1", "s2", "s3"];
@@ -120,8 +134,13 @@ impl World {
             overflow_idle: Duration::from_millis(20 + rng.below(200)),
             affinity_wait: Duration::from_millis(rng.below(30)),
             shutdown_grace: Duration::from_millis(50 + rng.below(200)),
-            worker_concurrency: 1,
+            worker_concurrency: match rng.below(3) {
+                0 => None,
+                _ => Some(1 + rng.below(4) as u32),
+            },
+            heartbeat_timeout: Duration::from_millis(200 + rng.below(3000)),
         };
+        let v2_share = [0, 50, 100][rng.below(3) as usize];
         let now = Instant::now();
         let mut fx = Vec::new();
         let core = Core::new(config.clone(), now, &mut fx);
@@ -143,6 +162,7 @@ impl World {
             anon_queue: Vec::new(),
             served: HashSet::new(),
             strict_home: HashMap::new(),
+            v2_share,
         };
         w.perform(fx, &HashMap::new()).unwrap();
         w
@@ -155,14 +175,15 @@ impl World {
         t
     }
 
-    fn request(&mut self, mode: &Mode) -> Request {
+    fn request(&mut self, mode: &Mode, token: Token) -> Request {
         let command = *self.rng.pick(&COMMANDS).unwrap();
         let session = match mode {
             Mode::Session { id, .. } => serde_json::Value::String(id.to_string()),
             Mode::Anonymous => serde_json::Value::Null,
         };
         let args = serde_json::json!({
-            "session_id": session, "id": "p", "program_id": "p", "provider": "dummy"
+            "session_id": session, "id": "p", "program_id": "p", "provider": "dummy",
+            "token": token
         });
         let timeout = match self.rng.below(4) {
             0 => Duration::ZERO,
@@ -220,7 +241,8 @@ impl World {
                         strict: self.rng.chance(45),
                     },
                 };
-                let once = self.rng.chance(70).then(|| self.request(&mode));
+                let reply = self.token(lease);
+                let once = self.rng.chance(70).then(|| self.request(&mode, reply));
                 let pool_timeout = match self.rng.below(4) {
                     0 => Duration::ZERO,
                     1 => Duration::from_millis(3),
@@ -228,7 +250,6 @@ impl World {
                     _ => Duration::from_secs(2),
                 };
                 let owner = 1 + self.rng.below(4);
-                let reply = self.token(lease);
                 if once.is_some() {
                     self.must_deliver.insert(reply);
                 }
@@ -257,8 +278,8 @@ impl World {
                     .collect();
                 let lease = *self.rng.pick(&checkouts)?;
                 let mode = self.leases[&lease].mode.clone();
-                let request = self.request(&mode);
                 let reply = self.token(lease);
+                let request = self.request(&mode, reply);
                 Some(Event::Call {
                     lease,
                     request,
@@ -300,7 +321,17 @@ impl World {
                         reason: "python3: not found".into(),
                     })
                 } else {
-                    self.procs.insert(worker, Proc::default());
+                    let v2 = self
+                        .rng
+                        .chance(self.v2_share)
+                        .then(|| 1 + self.rng.below(5) as u32);
+                    self.procs.insert(
+                        worker,
+                        Proc {
+                            v2,
+                            ..Proc::default()
+                        },
+                    );
                     Some(Event::Spawned {
                         worker,
                         pid: Some(1000 + worker as u32),
@@ -309,25 +340,63 @@ impl World {
             }
             50..=74 => {
                 let worker = *self.rng.pick(&talking)?;
-                let (id, command) = self.procs.get_mut(&worker)?.written.pop_front()?;
+                let proc = self.procs.get_mut(&worker)?;
+                let v2 = proc.v2;
+                // A v2 worker answers in any order; a v1 worker in order.
+                let at = match v2 {
+                    Some(_) => self.rng.below(proc.written.len() as u64) as usize,
+                    None => 0,
+                };
+                let (id, command, token, _) = proc.written.get(at).cloned()?;
+                let event = v2.is_some() && command != "shutdown" && self.rng.chance(20);
+                if !event {
+                    proc.written.remove(at);
+                }
                 if command == "shutdown" {
                     self.procs.get_mut(&worker)?.dying = true;
                     return None;
                 }
-                let frame = match self.rng.below(100) {
-                    0..=2 => Err(PoolError::Decode("garbage".into())),
-                    3..=5 => Ok(Response {
-                        id: id + 1000,
-                        outcome: Ok(Bytes::from_static(b"{}")),
-                    }),
-                    6..=12 => Ok(Response {
+                let echo = |extra: &str| {
+                    Bytes::from(match token {
+                        Some(t) => format!(r#"{{"program_id":"p","token":{t}{extra}}}"#),
+                        None => format!(r#"{{"program_id":"p"{extra}}}"#),
+                    })
+                };
+                let frame = if event {
+                    Ok(Response {
                         id,
-                        outcome: Err(PoolError::Python("boom".into())),
-                    }),
-                    _ => Ok(Response {
+                        outcome: Ok(echo(r#","event":"chunk""#)),
+                        event: true,
+                    })
+                } else if command == "ping" && v2.is_some() && self.rng.chance(90) {
+                    let hello = format!(
+                        r#"{{"status":"ok","protocol":2,"concurrency":{}}}"#,
+                        v2.unwrap()
+                    );
+                    Ok(Response {
                         id,
-                        outcome: Ok(Bytes::from_static(br#"{"program_id":"p"}"#)),
-                    }),
+                        outcome: Ok(Bytes::from(hello)),
+                        event: false,
+                    })
+                } else {
+                    match self.rng.below(100) {
+                        0..=2 => Err(PoolError::Decode("garbage".into())),
+                        3..=5 => Ok(Response {
+                            id: id + 1000,
+                            outcome: Ok(Bytes::from_static(b"{}")),
+                            event: false,
+                        }),
+                        6..=12 => Ok(Response {
+                            id,
+                            outcome: Err(PoolError::Python("boom".into())),
+                            event: false,
+                        }),
+                        _ => Ok(Response {
+                            id,
+                            outcome: Ok(echo("")),
+                            event: false,
+                        }),
+                    }
                 };
                 Some(Event::Frame { worker, frame })
             }
@@ -337,6 +406,16 @@ impl World {
                     worker,
                     error: PoolError::Decode("not a frame".into()),
                 })
+            }
+            88..=89 => {
+                // A control frame for some lease (held or not, in flight or not).
+                let lease = *self.rng.pick(&leases)?;
+                let body = if self.rng.chance(80) {
+                    br#"{"control":"tool_result","call_id":1,"ok":true,"result":2}"#.to_vec()
+                } else {
+                    b"[1]".to_vec()
+                };
+                Some(Event::Control { lease, body })
             }
             78..=79 => {
                 let worker = *self.rng.pick(&live)?;
@@ -476,9 +555,38 @@ impl World {
                         let v: serde_json::Value = serde_json::from_slice(&rest[4..4 + len])
                             .map_err(|e| format!("bad frame written: {e}"))?;
                         let id = v["id"].as_u64().ok_or("frame without id")?;
-                        let cmd = v["command"].as_str().ok_or("frame without command")?;
-                        proc.written.push_back((id, cmd.to_owned()));
                         rest = &rest[4 + len..];
+                        if let Some(control) = v["control"].as_str() {
+                            if proc.v2.is_none() {
+                                return Err(format!("control frame {v} to a v1 worker"));
+                            }
+                            if control == "cancel" && !proc.cancelled.insert(id) {
+                                return Err(format!("request {id} cancelled twice"));
+                            }
+                            let counter = if control == "cancel" {
+                                &CANCELS_SEEN
+                            } else {
+                                &CONTROLS_SEEN
+                            };
+                            counter.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        let cmd = v["command"].as_str().ok_or("frame without command")?;
+                        // A global configure_lm is replayed on other workers as a chore, with
+                        // its caller's arguments: not a caller's request there.
+                        let global = cmd == "configure_lm" && v["args"]["session_id"].is_null();
+                        let token = v["args"]["token"].as_u64();
+                        proc.written.push_back((id, cmd.to_owned(), token, global));
+                        let in_flight = proc
+                            .written
+                            .iter()
+                            .filter(|(i, _, t, g)| t.is_some() && !g && !proc.cancelled.contains(i))
+                            .count() as u32;
+                        if in_flight > proc.v2.unwrap_or(1) {
+                            return Err(format!(
+                                "worker {worker} has {in_flight} callers' requests, more than it announced: {:?} {:?} cancelled {:?}", proc.v2, proc.written, proc.cancelled
+                            ));
+                        }
                     }
                 }
                 Effect::Signal { worker, signal } => {
@@ -489,7 +597,25 @@ impl World {
                         }
                     }
                 }
+                Effect::Event { lease, body } => {
+                    EVENTS_SEEN.fetch_add(1, Relaxed);
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let holder = self.core.reply_of(lease).copied();
+                    if holder.is_none() || v["token"].as_u64() != holder {
+                        return Err(format!(
+                            "event {v} for lease {lease} whose reply handle is {holder:?}"
+                        ));
+                    }
+                }
                 Effect::Deliver { to, delivery } => {
+                    if let Delivery::Reply(Ok(json)) = &delivery {
+                        let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+                        if let Some(t) = v["token"].as_u64() {
+                            if t != to {
+                                return Err(format!("the reply of {t} delivered to {to}"));
+                            }
+                        }
+                    }
                     self.answer(to)?;
                     if let Delivery::Reply(Err(PoolError::SessionLost(s))) = &delivery {
                         self.check_lost(s, homes_before)?;
@@ -526,6 +652,14 @@ impl World {
 
     fn check(&mut self) -> Result<(), String> {
         self.core.audit()?;
+        if self
+            .core
+            .worker_ids()
+            .iter()
+            .any(|w| self.core.load_of(*w).is_some_and(|(n, _)| n > 1))
+        {
+            SHARED_SEEN.fetch_add(1, Relaxed);
+        }
         // Leases the core no longer knows are over.
         let gone: Vec<u64> = self
             .leases
@@ -538,16 +672,24 @@ impl World {
             self.leases.remove(&l);
         }
         // FIFO among anonymous waiters: none is served while an earlier one still waits.
-        let mut waiting_earlier = false;
+        // A shared worker takes executes only, so an execute may pass a queued checkout.
+        let (mut waiting_earlier, mut execute_waiting_earlier) = (false, false);
         for &l in &self.anon_queue {
             let queued = self.core.is_queued(l);
+            let execute = self.leases.get(&l).is_some_and(|i| i.execute);
             let newly_served = !queued && self.core.holds_worker(l) && self.served.insert(l);
-            if newly_served && waiting_earlier {
+            let passed = if execute {
+                execute_waiting_earlier
+            } else {
+                waiting_earlier
+            };
+            if newly_served && passed {
                 return Err(format!(
                     "anonymous lease {l} served before an earlier waiter"
                 ));
             }
             waiting_earlier |= queued;
+            execute_waiting_earlier |= queued && execute;
         }
         let s = self.core.status();
         if s.queued + self.leases_holding() > s.open_leases {
@@ -651,6 +793,7 @@ fn random_event_sequences_keep_the_invariants() {
             (0..cases).map(|i| 0x5EED_0000 + i).collect()
         }
     };
+    let full_run = env("MODEL_SEED").is_none();
     for seed in seeds {
         if let Err((why, log)) = run_case(seed, steps) {
             let tail: Vec<&String> = log.iter().rev().take(40).collect();
@@ -663,6 +806,18 @@ fn random_event_sequences_keep_the_invariants() {
                     .collect::<Vec<_>>()
                     .join("\n")
             );
+        }
+    }
+    if full_run {
+        let seen = [
+            ("a worker running several requests", &SHARED_SEEN),
+            ("intermediate events", &EVENTS_SEEN),
+            ("cancels", &CANCELS_SEEN),
+            ("control frames", &CONTROLS_SEEN),
+        ];
+        for (what, n) in seen {
+            eprintln!("{what}: {}", n.load(Relaxed));
+            assert!(n.load(Relaxed) > 10, "the sequences never reached {what}");
         }
     }
 }
