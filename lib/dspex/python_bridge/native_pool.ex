@@ -126,7 +126,7 @@ defmodule DSPex.PythonBridge.NativePool do
   `got: ...` before anything is sent. Unknown call option keys are ignored, as SessionPoolV2 did.
   """
 
-  alias DSPex.NativePool.{Checkout, Native, Registry, Server, Telemetry}
+  alias DSPex.NativePool.{Checkout, Native, Registry, Server, Streaming, Telemetry, Tools}
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
@@ -247,14 +247,16 @@ defmodule DSPex.PythonBridge.NativePool do
     retries = Keyword.get(opts, :retries, pool.retries)
     meta = %{pool: pool.name, command: command, mode: mode}
 
+    tools = tool_context(opts)
+
     Telemetry.span(pool.telemetry?, :call, meta, fn ->
       pool
-      |> run(mode, command_name, args, pool_timeout, timeout, retries)
+      |> run(mode, command_name, args, pool_timeout, timeout, retries, tools)
       |> hint(pool)
     end)
   end
 
-  defp run(pool, mode, command, args, pool_timeout, timeout, retries) do
+  defp run(pool, mode, command, args, pool_timeout, timeout, retries, tools) do
     ref = make_ref()
     native_pool_timeout = native_ms(pool_timeout)
     native_timeout = native_ms(timeout)
@@ -274,8 +276,12 @@ defmodule DSPex.PythonBridge.NativePool do
         :ok ->
           receive do
             # An intermediate event (streaming, tool calls): the reply is still to come.
-            {^ref, {:event, _lease, _event}} -> await(ref, wait)
-            {^ref, reply} -> reply
+            {^ref, {:event, lease, event}} ->
+              on_event(pool, lease, event, tools)
+              await(ref, wait, pool, tools)
+
+            {^ref, reply} ->
+              reply
           after
             wait ->
               {:error,
@@ -287,7 +293,7 @@ defmodule DSPex.PythonBridge.NativePool do
           pool.resource
           |> Native.execute_dirty(ref, mode, command, args, native_pool_timeout, native_timeout)
           |> then(fn
-            :ok -> await(ref, wait)
+            :ok -> await(ref, wait, pool, tools)
             error -> error
           end)
 
@@ -297,19 +303,164 @@ defmodule DSPex.PythonBridge.NativePool do
 
     case reply do
       {:error, {tag, _}} when tag in [:worker_exited, :worker_unresponsive] and retries > 0 ->
-        run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
+        run(pool, mode, command, args, pool_timeout, timeout, retries - 1, tools)
 
       reply ->
         reply
     end
   end
 
-  defp await(ref, wait) do
+  defp await(ref, wait, pool, tools) do
     receive do
-      {^ref, {:event, _lease, _event}} -> await(ref, wait)
-      {^ref, reply} -> reply
+      {^ref, {:event, lease, event}} ->
+        on_event(pool, lease, event, tools)
+        await(ref, wait, pool, tools)
+
+      {^ref, reply} ->
+        reply
     after
       wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
+    end
+  end
+
+  # A tool call is always answered (with an error when no function was given for it), so an
+  # agent never waits for a tool nobody runs; other events (chunks) are skipped here.
+  defp on_event(pool, lease, %{"event" => "tool_call"} = call, {tools, tool_timeout}),
+    do: Tools.handle(pool, lease, call, tools, tool_timeout)
+
+  defp on_event(_pool, _lease, _event, _tools), do: :ok
+
+  @doc false
+  def tool_context(opts),
+    do: {Keyword.get(opts, :tools), Keyword.get(opts, :tool_timeout, Tools.default_timeout())}
+
+  @doc """
+  Runs `command` (typically `:execute_program`) with `args` plus `stream: true`, and returns a
+  `Stream` of what arrives: `{:chunk, field, text}` elements, in order, while the program
+  writes its output fields, then one `{:done, result}` (the reply `execute_in_session/4`
+  would have returned as `{:ok, result}`) or `{:error, reason}`.
+
+  `target` is a session id, `:anonymous`, or a `DSPex.NativePool.Checkout` (the request runs
+  on that worker). Options are `execute_in_session/4`'s, plus `:tools` and `:tool_timeout`
+  (see "Streaming and Elixir tools" in the moduledoc) and:
+
+    * `:into` - a pid: instead of a stream, returns `{:ok, ref}` at once and sends the
+      elements to `pid` as `{ref, element}` messages (from a process of the pool's task
+      supervisor, which cancels the request when `pid` exits)
+
+  The request is sent when the stream is first enumerated, by the process that enumerates
+  it. Halting the stream before `{:done, _}` (`Enum.take/2`, `Stream.take_while/2`, a raise)
+  cancels the request in Python; the worker stays and serves others. A consumer that exits
+  mid-stream cancels it too. Errors that prevent the request (a bad session id, no such pool)
+  are the stream's only element, `{:error, reason}`; bad options raise `ArgumentError` here.
+
+  A worker without protocol 2 (DSPex's own bridge) sends no chunks: the stream is then just
+  `{:done, result}`.
+  """
+  @spec execute_stream(
+          session_id() | :anonymous | Checkout.t(),
+          atom() | String.t(),
+          map(),
+          options()
+        ) ::
+          Enumerable.t() | {:ok, reference()}
+  def execute_stream(target, command, args, opts \\ []) do
+    {into, opts} = pop_into!(opts)
+    opts = call_options!(opts)
+    tools = tool_context(opts)
+    start = fn -> start_stream(target, command, args, opts) end
+
+    case into do
+      nil -> Streaming.stream(start, tools)
+      pid -> Streaming.into(start, tools, pid)
+    end
+  end
+
+  defp pop_into!(opts) when is_map(opts), do: opts |> Map.to_list() |> pop_into!()
+
+  defp pop_into!(opts) when is_list(opts) do
+    case Keyword.keyword?(opts) && Keyword.pop(opts, :into) do
+      {into, opts} when into == nil or is_pid(into) -> {into, opts}
+      {into, _} -> bad_option!(:into, into, "a pid")
+      false -> {nil, call_options!(opts)}
+    end
+  end
+
+  defp pop_into!(opts), do: {nil, call_options!(opts)}
+
+  defp start_stream(%Checkout{} = checkout, command, args, opts) do
+    timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
+
+    with {:ok, command} <- command(command),
+         {:ok, args} <- args_map(args) do
+      args = Map.put(args, :stream, true)
+
+      args =
+        if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
+
+      ref = make_ref()
+
+      sent =
+        case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
+          :dirty -> Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout))
+          other -> other
+        end
+
+      with :ok <- sent, do: {:ok, ref, checkout.pool, wait_ms(timeout, 0)}
+    end
+  end
+
+  defp start_stream(target, command, args, opts) do
+    with {:ok, mode, args} <- stream_mode(target, args, opts),
+         {:ok, command} <- command(command),
+         {:ok, args} <- args_map(args),
+         {:ok, pool} <- Server.fetch(opts[:pool]) do
+      pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
+      timeout = Keyword.get(opts, :timeout, pool.operation_timeout)
+      {native_pool_timeout, native_timeout} = {native_ms(pool_timeout), native_ms(timeout)}
+      args = Map.put(args, :stream, true)
+      ref = make_ref()
+      mode = if mode == :anonymous, do: :anonymous, else: session_mode(pool, mode, opts)
+
+      sent =
+        case Native.execute(
+               pool.resource,
+               ref,
+               mode,
+               command,
+               args,
+               native_pool_timeout,
+               native_timeout
+             ) do
+          :dirty ->
+            Native.execute_dirty(
+              pool.resource,
+              ref,
+              mode,
+              command,
+              args,
+              native_pool_timeout,
+              native_timeout
+            )
+
+          other ->
+            other
+        end
+
+      case sent do
+        :ok -> {:ok, ref, pool, wait_ms(pool_timeout, timeout)}
+        {:error, reason} -> {:error, Server.with_hint(reason, pool)}
+      end
+    end
+  end
+
+  defp stream_mode(:anonymous, args, _opts), do: {:ok, :anonymous, args}
+
+  defp stream_mode(session_id, args, _opts) do
+    with {:ok, session_id} <- session_id(session_id),
+         {:ok, args} <- args_map(args) do
+      touch_session(session_id)
+      {:ok, session_id, Map.put(args, :session_id, session_id)}
     end
   end
 
@@ -399,6 +550,14 @@ defmodule DSPex.PythonBridge.NativePool do
         if value in [:prefer, :strict],
           do: [{:affinity, value} | acc],
           else: bad_option!(:affinity, value, ":prefer or :strict")
+
+      {:tools, value}, acc ->
+        [{:tools, Tools.validate!(value)} | acc]
+
+      {:tool_timeout, value}, acc ->
+        if is_integer(value) and value > 0 and value <= @max_wait,
+          do: [{:tool_timeout, value} | acc],
+          else: bad_option!(:tool_timeout, value, "a positive time in ms")
 
       {key, value}, acc when key in [:retries, :max_retries] ->
         cond do
@@ -522,18 +681,25 @@ defmodule DSPex.PythonBridge.NativePool do
       ref = make_ref()
       wait = wait_ms(timeout, 0)
 
+      tools = tool_context(opts)
+      pool = checkout.pool
+
       case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
         :ok ->
           receive do
-            {^ref, {:event, _lease, _event}} -> await(ref, wait)
-            {^ref, reply} -> reply
+            {^ref, {:event, lease, event}} ->
+              on_event(pool, lease, event, tools)
+              await(ref, wait, pool, tools)
+
+            {^ref, reply} ->
+              reply
           after
             wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
           end
 
         :dirty ->
           case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
-            :ok -> await(ref, wait)
+            :ok -> await(ref, wait, pool, tools)
             error -> error
           end
 
