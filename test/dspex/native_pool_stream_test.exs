@@ -228,6 +228,39 @@ defmodule DSPex.NativePoolStreamTest do
       assert outputs["answer"] == "the value is 42"
     end
 
+    test "the adapter's execute_program/3 takes :tools" do
+      opts = bridge_pool()
+      adapter = DSPex.Adapters.PythonPoolNative
+      base = %{session_id: "ad", pool: opts[:pool]}
+
+      answers = [
+        %{next_thought: "t", next_tool_name: "lookup", next_tool_args: %{key: "k"}},
+        %{next_thought: "done", next_tool_name: "finish", next_tool_args: %{}},
+        %{answer: "ok"}
+      ]
+
+      :ok = adapter.configure_lm(Map.merge(base, %{provider: "dummy", answers: answers}))
+
+      {:ok, "agent"} =
+        adapter.create_program(
+          Map.merge(base, %{
+            id: "agent",
+            program_type: "react",
+            signature: %{inputs: [%{name: "question"}], outputs: [%{name: "answer"}]},
+            tools: [@lookup]
+          })
+        )
+
+      assert {:ok, %{"outputs" => outputs}} =
+               adapter.execute_program(
+                 "agent",
+                 %{question: "q"},
+                 Map.put(base, :tools, %{lookup: fn %{"key" => k} -> "#{k} from the adapter" end})
+               )
+
+      assert outputs["trajectory"]["observation_0"] == "k from the adapter"
+    end
+
     test "a raising tool, a slow tool and a missing tool are error strings the agent sees" do
       opts = bridge_pool()
       test = self()
