@@ -80,11 +80,57 @@ defmodule DSPex.PythonBridge.NativePool do
   A `configure_lm` without a session (see `DSPex.Adapters.PythonPoolNative.configure_lm/1`)
   configures every worker, present and future.
 
+  ## Streaming and Elixir tools
+
+  `execute_stream/4` returns a `Stream` of an `execute_program`'s output fields as the LM writes
+  them, then its result (the bridge runs the program under `dspy.streamify`):
+
+      NativePool.execute_stream("chat", :execute_program, %{program_id: "qa", inputs: %{question: "Why?"}})
+      |> Enum.each(fn
+        {:chunk, field, text} -> IO.write(text)   # "reasoning" (ChainOfThought), then each output
+        {:done, result} -> IO.inspect(result["outputs"])
+        {:error, reason} -> IO.inspect(reason)
+      end)
+
+  Chunks arrive in order; joined per field they are the final outputs. Halting the stream
+  before `{:done, _}` writes a `cancel` for the request and waits (up to 5 s) for the worker's
+  `"cancelled"`, so nothing of it stays in the mailbox; a consumer that dies is a caller gone,
+  which the pool cancels itself. Either way the worker stays.
+
+  **A slow consumer.** The pool keeps no per-request buffer: each frame the worker writes is
+  read at once and sent to the caller's mailbox, and the worker's asyncio task is never
+  throttled (holding its frames back would hold back the LM's own stream, and the pipe, which
+  other requests of the worker share). The mailbox is the buffer, and it is bounded by the
+  answer itself: a request's chunks together are its output fields, which the LM's
+  `max_tokens` and the pool's `:max_frame_size` already bound, the same memory the final reply
+  takes. With `into: pid` the forwarder sends each element on at once, so the buffer is `pid`'s
+  mailbox, with the same bound.
+
+  A ReAct program created with tool declarations (`tools: [%{name: "lookup", description:
+  "...", args: %{key: "string"}}]`, next to built-in tools such as `"calculator"`) gets their
+  implementations per call:
+
+      NativePool.execute_in_session("shop", :execute_program, %{program_id: "clerk", inputs: %{question: "q"}},
+        tools: %{"lookup" => fn %{"key" => key} -> :ets.lookup(:stock, key) |> Map.new() end})
+
+  Each tool call of the request runs `fun.(args)` (string keys) in a task of the pool's task
+  supervisor, which monitors the caller; the caller's `receive` goes on meanwhile (chunks,
+  other tool calls, the reply), and tools of other requests run at the same time, on the same
+  worker or not. The function's value, as JSON, is the agent's observation. A raise, throw or
+  exit, a value JSON cannot carry, or a function still running after `:tool_timeout` (it is
+  killed) is sent as an error string the agent reads (`"Execution error in lookup: ..."`). A
+  tool call for a name the call gave no function for is answered the same way. A caller that
+  dies while its tool runs takes the task down, and the pool cancels the request.
+
+  `:tools` and `:tool_timeout` are taken by `execute_in_session/4`, `execute_anonymous/3`,
+  `call/4`, `execute_stream/4` and `DSPex.Adapters.PythonPoolNative.execute_program/3`.
+
   ## Intermediate events and control frames (protocol 2)
 
   A request may get frames before its reply (`{"id": N, "event": ...}`, see
   `docs/protocol.md`): they reach the caller as `{ref, {:event, lease, map}}` messages, with
-  the `ref` of its reply, before `{ref, reply}`. The calls of this module skip them.
+  the `ref` of its reply, before `{ref, reply}`. The calls of this module answer tool calls
+  (see above), turn chunks into `execute_stream/4`'s elements, and skip other events.
   `DSPex.NativePool.Native.control(pool_resource, lease, map)` writes a control frame for the
   request `lease` has in flight (for example `%{control: "tool_result", call_id: 1, ok: true,
   result: 3}`; the pool adds the id) and returns `:ok`, `{:error, reason}`, or `:dirty` for a
@@ -206,6 +252,9 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:retries` (or `:max_retries`) - how many times to run the request again, on another
       worker, when its worker died mid-request (the pool's `:retries`, default 0: use it only
       for commands that are safe to repeat, such as `execute_program`)
+    * `:tools` - a map of tool names (strings or atoms) to 1-arity functions: the Elixir
+      implementations of a ReAct program's declared tools (see "Streaming and Elixir tools")
+    * `:tool_timeout` - how long one tool call may run, ms (default: 30_000)
 
   Other keys are ignored, as SessionPoolV2 did. A bad option value raises `ArgumentError`
   (`got: ...`) before anything is sent. Bad data returns an error: a command that is not an
