@@ -6,6 +6,10 @@ defmodule DSPex.NativePoolStreamTest do
   @moduletag :dspy
   @moduletag timeout: 180_000
 
+  # Its answer takes the slow LM server (1 s between chunks) tens of seconds to stream: a
+  # request that ends early was cancelled.
+  @long String.duplicate("a long question ", 8)
+
   @lookup %{
     name: "lookup",
     description: "Looks a key up in the app's table.",
@@ -162,7 +166,7 @@ defmodule DSPex.NativePoolStreamTest do
       %{worker_pids: [pid]} = status(opts)
 
       assert [{:chunk, "answer", _}] =
-               NativePool.execute_stream("slow", :execute_program, ask("long"), opts)
+               NativePool.execute_stream("slow", :execute_program, ask(@long), opts)
                |> Enum.take(1)
 
       # The stream's after-function waited for the worker's "cancelled": nothing runs, nothing
@@ -187,7 +191,7 @@ defmodule DSPex.NativePoolStreamTest do
 
       consumer =
         spawn(fn ->
-          NativePool.execute_stream("slow", :execute_program, ask("long"), opts)
+          NativePool.execute_stream("slow", :execute_program, ask(@long), opts)
           |> Enum.each(&send(test, {:item, &1}))
         end)
 
@@ -201,6 +205,36 @@ defmodule DSPex.NativePoolStreamTest do
                NativePool.execute_in_session("slow", :execute_program, ask("again"), opts)
 
       assert %{worker_pids: [^pid], counters: %{recycled: 0}} = status(opts)
+    end
+
+    test "an into: receiver that exits mid-stream cancels the request" do
+      slow = start_lm_server("1.0")
+      opts = bridge_pool()
+      http_lm("slow", slow, opts)
+      program("slow", "p", "predict", ["answer"], opts)
+      %{worker_pids: [pid]} = status(opts)
+      test = self()
+
+      receiver =
+        spawn(fn ->
+          {:ok, ref} =
+            NativePool.execute_stream(
+              "slow",
+              :execute_program,
+              ask(@long),
+              [into: self()] ++ opts
+            )
+
+          receive do
+            {^ref, {:chunk, _, _} = chunk} -> send(test, {:first, chunk})
+          end
+        end)
+
+      ref = Process.monitor(receiver)
+      assert_receive {:first, {:chunk, "answer", _}}, 60_000
+      assert_receive {:DOWN, ^ref, :process, ^receiver, :normal}
+      assert eventually(fn -> in_flight(opts) == 0 end)
+      assert %{in_flight: 0, worker_pids: [^pid], counters: %{recycled: 0}} = status(opts)
     end
   end
 
