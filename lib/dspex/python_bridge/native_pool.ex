@@ -112,8 +112,9 @@ defmodule DSPex.PythonBridge.NativePool do
       the pool cannot tell which request it was, so the worker's state is unknown
     * `{:invalid_args, detail}` - the arguments cannot be encoded as JSON (a pid, a function, a
       non-UTF-8 binary...); nothing was sent
-    * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
-      says why, with the worker's stderr), or a checkout lost its worker
+    * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (start-up
+      failed twice in a row and nothing else is up or starting; the detail says why, with the
+      worker's stderr), or a checkout lost its worker
     * `{:session_lost, detail}` - a `:strict` session's worker died
     * `{:invalid_command, detail}` - the command is not an atom or a non-empty UTF-8 string
     * `{:invalid_session_id, detail}` - the session id is not a non-empty UTF-8 string, an atom
