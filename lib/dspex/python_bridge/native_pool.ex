@@ -75,7 +75,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
   use Supervisor
 
-  alias DSPex.NativePool.{Checkout, Native, Server, Telemetry}
+  alias DSPex.NativePool.{Checkout, Native, Server, Structs, Telemetry}
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
@@ -183,11 +183,17 @@ defmodule DSPex.PythonBridge.NativePool do
             error -> error
           end)
 
-        {:error, _} = error ->
-          error
+        # {:error, _} or :structs
+        other ->
+          other
       end
 
     case reply do
+      # The arguments hold structs: converted once (DateTime as ISO 8601...), then sent.
+      :structs ->
+        with {:ok, args} <- Structs.convert(args),
+             do: run(pool, mode, command, args, pool_timeout, timeout, retries)
+
       {:error, {:worker_exited, _}} when retries > 0 ->
         run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
 
@@ -292,22 +298,33 @@ defmodule DSPex.PythonBridge.NativePool do
 
       ref = make_ref()
 
-      case Native.call(checkout.lease, ref, command, args, timeout) do
-        :ok ->
-          receive do
-            {^ref, reply} -> reply
-          after
-            timeout + @reply_margin -> {:error, {:timeout, "no reply within #{timeout} ms"}}
-          end
+      reply =
+        case Native.call(checkout.lease, ref, command, args, timeout) do
+          :ok ->
+            receive do
+              {^ref, reply} -> reply
+            after
+              timeout + @reply_margin -> {:error, {:timeout, "no reply within #{timeout} ms"}}
+            end
 
-        :dirty ->
-          case Native.call_dirty(checkout.lease, ref, command, args, timeout) do
-            :ok -> await(ref, timeout)
-            error -> error
-          end
+          :dirty ->
+            case Native.call_dirty(checkout.lease, ref, command, args, timeout) do
+              :ok -> await(ref, timeout)
+              other -> other
+            end
 
-        {:error, _} = error ->
-          error
+          # {:error, _} or :structs
+          other ->
+            other
+        end
+
+      case reply do
+        # As in run/7.
+        :structs ->
+          with {:ok, args} <- Structs.convert(args), do: call(checkout, command, args, opts)
+
+        reply ->
+          reply
       end
     end
   end

@@ -8,6 +8,7 @@
 pub mod error;
 #[cfg(test)]
 pub mod fake;
+pub mod json;
 pub mod pool;
 #[cfg(test)]
 mod pool_tests;

@@ -3,13 +3,13 @@
 //! Requests are `{"id": int, "command": str, "args": object}`; responses are
 //! `{"id": int, "success": true, "result": any}` or `{"id": int, "success": false, "error": str}`.
 
+use std::ops::Range;
+
 use bytes::Bytes;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::PoolError;
+use crate::json::{self, Event, Reader};
 
 /// Default bound on a frame in either direction.
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -62,51 +62,77 @@ pub struct Response {
     pub outcome: Result<Bytes, PoolError>,
 }
 
-#[derive(Deserialize)]
-struct Wire<'a> {
-    id: Option<u64>,
-    success: Option<bool>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
+/// The members of a response object that matter, as byte ranges of their values.
+#[derive(Default)]
+struct Members {
+    id: Option<Range<usize>>,
+    success: Option<Range<usize>>,
+    result: Option<Range<usize>>,
+    error: Option<Range<usize>>,
 }
 
-/// `Some` whenever the key is present, `null` included (plain `Option` would read `null` as
-/// absent, and `"result": null` is a valid reply).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+/// Reads a response object's members, validating the whole text as JSON (any depth: nesting
+/// lives on the heap; the result's depth is checked where it becomes a term, for that request
+/// alone). `Ok(None)`: JSON, but not an object.
+fn members(body: &[u8]) -> Result<Option<Members>, json::Error> {
+    let mut reader = Reader::new(body, usize::MAX);
+    let mut m = Members::default();
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        reader.skip_value()?;
+        reader.finish()?;
+        return Ok(None);
+    }
+    reader.next_event()?; // `{`
+                          // Keys until the closing `}`.
+    while let Event::Key(k) = reader.next_event()? {
+        let value = reader.skip_value()?;
+        match k.as_ref() {
+            "id" => m.id = Some(value),
+            "success" => m.success = Some(value),
+            "result" => m.result = Some(value),
+            "error" => m.error = Some(value),
+            _ => {}
+        }
+    }
+    reader.finish()?;
+    Ok(Some(m))
 }
 
 /// Parses a response frame body.
 ///
 /// # Errors
 /// [`PoolError::Decode`] for bytes that are not JSON, [`PoolError::Malformed`] for JSON that is
-/// not a response (no integer `id`, no boolean `success`, no `result`/`error`).
+/// not a response (no non-negative integer `id`, no boolean `success`, no `result`/`error`).
 pub fn decode_response(body: &Bytes) -> Result<Response, PoolError> {
-    let wire: Wire = match serde_json::from_slice(body) {
-        Ok(w) => w,
+    let m = match members(body) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err(PoolError::Malformed),
         Err(e) => {
-            return Err(if serde_json::from_slice::<IgnoredAny>(body).is_ok() {
-                PoolError::Malformed
-            } else {
-                let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-                PoolError::Decode(format!("invalid JSON from worker ({e}): {preview:?}"))
-            })
+            let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+            return Err(PoolError::Decode(format!(
+                "invalid JSON from worker ({e}): {preview:?}"
+            )));
         }
     };
-    let id = wire.id.ok_or(PoolError::Malformed)?;
-    let outcome = match (wire.success, wire.result, wire.error) {
-        (Some(true), Some(raw), _) => {
-            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-            Ok(body.slice(start..start + raw.get().len()))
-        }
-        (Some(false), _, Some(err)) => Err(PoolError::Python(
-            serde_json::from_str::<String>(err.get()).unwrap_or_else(|_| err.get().to_owned()),
-        )),
+    let text = |r: &Range<usize>| &body[r.clone()];
+    let id =
+        m.id.and_then(|r| std::str::from_utf8(text(&r)).ok()?.parse::<u64>().ok())
+            .ok_or(PoolError::Malformed)?;
+    let outcome = match (m.success.as_ref().map(text), m.result, m.error) {
+        (Some(b"true"), Some(result), _) => Ok(body.slice(result)),
+        (Some(b"false"), _, Some(err)) => Err(PoolError::Python(error_text(text(&err)))),
         _ => return Err(PoolError::Malformed),
     };
     Ok(Response { id, outcome })
+}
+
+/// A worker's error: the string itself, or the JSON text of whatever else it sent.
+fn error_text(raw: &[u8]) -> String {
+    let mut reader = Reader::new(raw, usize::MAX);
+    match reader.next_event() {
+        Ok(Event::Str(s)) => s.into_owned(),
+        _ => String::from_utf8_lossy(raw).into_owned(),
+    }
 }
 
 #[cfg(test)]
