@@ -514,4 +514,82 @@ mod tests {
         assert_eq!(r.skip_value().unwrap(), 0..deep.len());
         r.finish().unwrap();
     }
+
+    /// The value `text` holds, built from this reader's events (the reference: serde_json).
+    fn via_events(text: &str) -> Result<serde_json::Value, Error> {
+        use serde_json::Value;
+        let mut r = Reader::new(text.as_bytes(), 1000);
+        let mut open: Vec<(Vec<Value>, Vec<String>, bool)> = Vec::new();
+        loop {
+            let v = match r.next_event()? {
+                Event::StartArray => {
+                    open.push((vec![], vec![], false));
+                    continue;
+                }
+                Event::StartObject => {
+                    open.push((vec![], vec![], true));
+                    continue;
+                }
+                Event::Key(k) => {
+                    open.last_mut().unwrap().1.push(k.into_owned());
+                    continue;
+                }
+                Event::EndArray | Event::EndObject => {
+                    let (vals, keys, object) = open.pop().unwrap();
+                    if object {
+                        Value::Object(keys.into_iter().zip(vals).collect())
+                    } else {
+                        Value::Array(vals)
+                    }
+                }
+                Event::Null => Value::Null,
+                Event::Bool(b) => Value::Bool(b),
+                // serde_json's own float reading is off by an ulp at times; Rust's is exact.
+                Event::Number { text, int: true } => text
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or_else(|_| Value::from(text.parse::<u64>().unwrap())),
+                Event::Number { text, .. } => Value::from(text.parse::<f64>().unwrap()),
+                Event::Str(s) => Value::String(s.into_owned()),
+            };
+            match open.last_mut() {
+                Some(top) => top.0.push(v),
+                None => {
+                    r.finish()?;
+                    return Ok(v);
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        #[test]
+        fn events_rebuild_what_serde_json_reads(
+            s in proptest::prelude::any::<String>(),
+            n in proptest::prelude::any::<f64>(),
+            i in proptest::prelude::any::<i64>(),
+        ) {
+            let v = serde_json::json!({"s": s, "list": [n.is_finite().then_some(n), i, [{}], []]});
+            let text = v.to_string();
+            proptest::prop_assert_eq!(via_events(&text).unwrap(), v.clone());
+            // Escaped differently (\u for everything non-ASCII), read alike.
+            let ascii: String = text
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() {
+                        c.to_string()
+                    } else {
+                        let mut units = [0; 2];
+                        c.encode_utf16(&mut units).iter().map(|u| format!("\\u{u:04x}")).collect()
+                    }
+                })
+                .collect();
+            proptest::prop_assert_eq!(via_events(&ascii).unwrap(), v);
+        }
+    }
 }

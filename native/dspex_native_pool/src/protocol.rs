@@ -204,3 +204,206 @@ mod tests {
         assert_eq!(&c.decode(&mut ok).unwrap().unwrap()[..], b"{}");
     }
 }
+
+/// Fuzzing: whatever a worker writes, decoding answers (a frame, a response, an error) and
+/// never panics; valid input decodes to what serde_json reads in it.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+    use serde_json::Value;
+    use tokio_util::codec::Decoder;
+
+    /// JSON values, nested a little (serde_json, the reference, stops at 128 levels).
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            prop::collection::vec(
+                prop::sample::select(&['"', '\\', '\n', '\u{0}', 'é', '😀', 'a'][..]),
+                0..6
+            )
+            .prop_map(|cs| Value::String(cs.into_iter().collect())),
+        ];
+        leaf.prop_recursive(8, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A text changed at a few random places: mostly invalid, sometimes still valid JSON.
+    fn mutated(text: String) -> impl Strategy<Value = Vec<u8>> {
+        let len = text.len();
+        prop::collection::vec((0..=len, any::<u8>(), 0..3u8), 1..4).prop_map(move |edits| {
+            let mut bytes = text.clone().into_bytes();
+            for (at, byte, op) in edits {
+                let at = at.min(bytes.len());
+                match op {
+                    0 => bytes.insert(at, byte),
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ if at < bytes.len() => bytes[at] = byte,
+                    _ => bytes.push(byte),
+                }
+            }
+            bytes
+        })
+    }
+
+    fn envelope() -> impl Strategy<Value = String> {
+        (any::<u64>(), any::<bool>(), value(), value()).prop_map(|(id, ok, result, extra)| {
+            let mut m = serde_json::Map::new();
+            m.insert("extra".into(), extra);
+            m.insert("id".into(), id.into());
+            m.insert("success".into(), ok.into());
+            if ok {
+                m.insert("result".into(), result);
+            } else {
+                m.insert("error".into(), result.to_string().into());
+            }
+            Value::Object(m).to_string()
+        })
+    }
+
+    /// A response's id and outcome (the result, or the error text).
+    type Reading = (u64, Result<Value, String>);
+
+    /// serde_json's verdict on a text: a response, a non-response, or not JSON.
+    fn reference(body: &[u8]) -> Result<Option<Reading>, ()> {
+        let v: Value = serde_json::from_slice(body).map_err(|_| ())?;
+        let response = (|| {
+            let id = v.get("id")?.as_u64()?;
+            let outcome = match v.get("success")?.as_bool()? {
+                true => Ok(v.get("result")?.clone()),
+                false => Err(match v.get("error")? {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                }),
+            };
+            Some((id, outcome))
+        })();
+        Ok(response)
+    }
+
+    fn check_against_reference(body: &[u8]) -> Result<(), TestCaseError> {
+        let ours = decode_response(&Bytes::copy_from_slice(body));
+        match (reference(body), ours) {
+            (Ok(Some((id, outcome))), Ok(r)) => {
+                prop_assert_eq!(r.id, id);
+                match (outcome, r.outcome) {
+                    (Ok(v), Ok(raw)) => {
+                        prop_assert_eq!(serde_json::from_slice::<Value>(&raw).unwrap(), v)
+                    }
+                    (Err(e), Err(PoolError::Python(m))) => prop_assert_eq!(e, m),
+                    (a, b) => prop_assert!(false, "{a:?} vs {b:?}"),
+                }
+            }
+            (Ok(None), Err(PoolError::Malformed)) => {}
+            (Err(()), Err(PoolError::Decode(_))) => {}
+            // serde_json refuses numbers beyond f64 (1e400) while reading; here that is the
+            // term builder's business, so such a text is a response or malformed.
+            (Err(()), Ok(_) | Err(PoolError::Malformed))
+                if serde_json::from_slice::<Value>(body)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("out of range") => {}
+            (a, b) => prop_assert!(false, "reference {a:?}, ours {b:?}"),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_response(&Bytes::from(body.clone()));
+            let _ = codec(64).decode(&mut BytesMut::from(&body[..]));
+        }
+
+        #[test]
+        fn valid_responses_decode_as_serde_json_reads_them(text in envelope()) {
+            check_against_reference(text.as_bytes())?;
+        }
+
+        #[test]
+        fn mutated_responses_are_classified_as_serde_json_does(
+            body in envelope().prop_flat_map(mutated)
+        ) {
+            check_against_reference(&body)?;
+        }
+
+        #[test]
+        fn arbitrary_values_are_classified_as_serde_json_does(
+            body in value().prop_map(|v| v.to_string()).prop_flat_map(mutated)
+        ) {
+            check_against_reference(&body)?;
+        }
+
+        /// Frames split at arbitrary points come out whole and in order; an oversized header
+        /// is an error, never a panic or an allocation of its size.
+        #[test]
+        fn frames_survive_any_chunking(
+            frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..8),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+            junk in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut stream = Vec::new();
+            for f in &frames {
+                stream.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                stream.extend_from_slice(f);
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut c = codec(256);
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut failed = false;
+            let mut from = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&stream[from..cut]);
+                from = cut;
+                loop {
+                    match c.decode(&mut buf) {
+                        Ok(Some(f)) => out.push(f.to_vec()),
+                        Ok(None) => break,
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    break;
+                }
+            }
+            let oversized = frames.iter().position(|f| f.len() > 256);
+            match oversized {
+                None => prop_assert_eq!(&out, &frames),
+                Some(i) => {
+                    prop_assert!(failed);
+                    prop_assert_eq!(&out[..], &frames[..i]);
+                }
+            }
+            // Junk after the frames: an error or a wait for more, never a panic.
+            buf.extend_from_slice(&junk);
+            let _ = c.decode(&mut buf);
+        }
+    }
+}
