@@ -70,14 +70,20 @@ defmodule DSPex.NativePool.Structs do
            {:ok, plain} <- Native.json_decode(json) do
         plain
       else
-        {:error, %{__exception__: true} = e} ->
-          refuse(path, "is a struct (#{name}) that Jason cannot encode: #{Exception.message(e)}")
-
-        {:error, reason} ->
+        {:error, %Protocol.UndefinedError{value: ^struct}} ->
           refuse(
             path,
-            "is a struct (#{name}) whose Jason encoding is unusable: #{inspect(reason)}"
+            "is a struct (#{name}) with no Jason.Encoder implementation: derive one " <>
+              "(@derive Jason.Encoder) or convert it to a plain map"
           )
+
+        {:error, %{__exception__: true} = e} ->
+          # Jason's first line: what inside the struct it could not encode.
+          [line | _] = String.split(Exception.message(e), "\n", parts: 2)
+          refuse(path, "is a struct (#{name}) that Jason cannot encode: #{line}")
+
+        {:error, reason} ->
+          refuse(path, "is a struct (#{name}) whose JSON is unusable: #{inspect(reason)}")
       end
     else
       refuse(
