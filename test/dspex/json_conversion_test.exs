@@ -4,6 +4,8 @@ defmodule DSPex.NativePool.JsonConversionTest do
 
   alias DSPex.NativePool.{Native, Structs}
 
+  doctest DSPex.NativePool.Structs
+
   @max_depth 250
   @int_min -Integer.pow(2, 63)
   @int_max Integer.pow(2, 64) - 1

@@ -67,7 +67,8 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:response_mismatch` - the worker answered another request's id (it was recycled)
     * `:malformed_response` - JSON that is not a protocol response (it was recycled)
     * `{:invalid_args, detail}` - the arguments cannot be encoded as JSON (a pid, a function, a
-      non-UTF-8 binary...); nothing was sent
+      non-UTF-8 binary, an integer beyond 64 bits, nesting over 250 levels, keys that collide
+      once written, a struct with no JSON form: the README's "Limits"); nothing was sent
     * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
       says why, with the worker's stderr), or a checkout lost its worker
     * `{:session_lost, detail}` - a `:strict` session's worker died
