@@ -64,12 +64,49 @@ enum State {
     Done,
 }
 
+/// A stack of bits: the first 64 levels in a word (no allocation for an ordinary reply), the
+/// rest on the heap.
+#[derive(Default)]
+struct Nesting {
+    depth: usize,
+    word: u64,
+    spill: Vec<bool>,
+}
+
+impl Nesting {
+    fn push(&mut self, object: bool) {
+        if self.depth < 64 {
+            self.word = (self.word & !(1 << self.depth)) | (u64::from(object) << self.depth);
+        } else {
+            self.spill.push(object);
+        }
+        self.depth += 1;
+    }
+
+    fn top(&self) -> Option<bool> {
+        match self.depth {
+            0 => None,
+            d if d <= 64 => Some(self.word >> (d - 1) & 1 == 1),
+            _ => self.spill.last().copied(),
+        }
+    }
+
+    fn pop(&mut self) -> bool {
+        let top = self.top().expect("a container is open");
+        if self.depth > 64 {
+            self.spill.pop();
+        }
+        self.depth -= 1;
+        top
+    }
+}
+
 /// Reads one JSON value from `buf`, event by event.
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
-    /// `true` for an object, `false` for an array, innermost last.
-    stack: Vec<bool>,
+    /// The open containers: `true` for an object, `false` for an array, innermost last.
+    stack: Nesting,
     max_depth: usize,
     state: State,
 }
@@ -80,7 +117,7 @@ impl<'a> Reader<'a> {
         Reader {
             buf,
             pos: 0,
-            stack: Vec::new(),
+            stack: Nesting::default(),
             max_depth,
             state: State::Value,
         }
@@ -88,7 +125,7 @@ impl<'a> Reader<'a> {
 
     /// How many arrays and objects are open.
     pub fn depth(&self) -> usize {
-        self.stack.len()
+        self.stack.depth
     }
 
     /// The offset where the next value starts (after whitespace).
@@ -129,7 +166,7 @@ impl<'a> Reader<'a> {
 
     /// The state after a complete value.
     fn after_value(&mut self) {
-        self.state = match self.stack.last() {
+        self.state = match self.stack.top() {
             None => State::Done,
             Some(true) => State::ObjectNext,
             Some(false) => State::ArrayNext,
@@ -222,7 +259,7 @@ impl<'a> Reader<'a> {
     }
 
     fn close(&mut self) -> Result<Event<'a>, Error> {
-        let object = self.stack.pop().expect("a container is open");
+        let object = self.stack.pop();
         self.after_value();
         Ok(if object {
             Event::EndObject
@@ -232,7 +269,7 @@ impl<'a> Reader<'a> {
     }
 
     fn open(&mut self, object: bool) -> Result<Event<'a>, Error> {
-        if self.stack.len() >= self.max_depth {
+        if self.stack.depth >= self.max_depth {
             return self.fail(format!(
                 "nested deeper than {} levels of arrays and objects",
                 self.max_depth
@@ -285,7 +322,7 @@ impl<'a> Reader<'a> {
 
     fn digits(&mut self) -> usize {
         let start = self.pos;
-        while self.buf.get(self.pos).is_some_and(u8::is_ascii_digit) {
+        while matches!(self.buf.get(self.pos), Some(b'0'..=b'9')) {
             self.pos += 1;
         }
         self.pos - start
@@ -321,7 +358,9 @@ impl<'a> Reader<'a> {
                 return self.fail("expected a digit in the exponent");
             }
         }
-        let text = std::str::from_utf8(&self.buf[start..self.pos]).expect("ASCII");
+        let bytes = &self.buf[start..self.pos];
+        // SAFETY: every byte of a number was matched above as a digit, sign, `.`, `e` or `E`.
+        let text = unsafe { std::str::from_utf8_unchecked(bytes) };
         Ok(Event::Number { text, int })
     }
 
@@ -329,74 +368,97 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<Cow<'a, str>, Error> {
         self.pos += 1;
         let start = self.pos;
+        let (mut end, mut non_ascii) = self.run_end()?;
         // Fast path: no escapes, borrowed straight from the input.
-        loop {
-            match self.buf.get(self.pos) {
-                None => return self.fail("unterminated string"),
-                Some(b'"') => {
-                    let s = self.utf8(start, self.pos)?;
-                    self.pos += 1;
-                    return Ok(Cow::Borrowed(s));
-                }
-                Some(b'\\') => break,
-                Some(&b) if b < 0x20 => return self.fail("control character in a string"),
-                Some(_) => self.pos += 1,
-            }
+        if self.buf[end] == b'"' {
+            let s = self.text(start, end, non_ascii)?;
+            self.pos = end + 1;
+            return Ok(Cow::Borrowed(s));
         }
-        let mut owned = String::from(self.utf8(start, self.pos)?);
+        let mut owned = String::with_capacity(end - start + 16);
         loop {
-            let run = self.pos;
-            loop {
-                match self.buf.get(self.pos) {
-                    None => return self.fail("unterminated string"),
-                    Some(b'"' | b'\\') => break,
-                    Some(&b) if b < 0x20 => return self.fail("control character in a string"),
-                    Some(_) => self.pos += 1,
-                }
-            }
-            owned.push_str(self.utf8(run, self.pos)?);
-            if self.buf[self.pos] == b'"' {
+            owned.push_str(self.text(self.pos, end, non_ascii)?);
+            self.pos = end;
+            if self.buf[end] == b'"' {
                 self.pos += 1;
                 return Ok(Cow::Owned(owned));
             }
-            self.pos += 1;
+            self.pos += 1; // the backslash
             let c = match self.buf.get(self.pos) {
-                Some(b'"') => '"',
-                Some(b'\\') => '\\',
-                Some(b'/') => '/',
-                Some(b'b') => '\u{8}',
-                Some(b'f') => '\u{c}',
-                Some(b'n') => '\n',
-                Some(b'r') => '\r',
-                Some(b't') => '\t',
                 Some(b'u') => {
                     self.pos += 1;
-                    let hi = self.hex4()?;
-                    let c = match hi {
-                        0xD800..=0xDBFF => {
-                            if !self.buf[self.pos..].starts_with(b"\\u") {
-                                return self.fail("lone leading surrogate in a \\u escape");
-                            }
-                            self.pos += 2;
-                            let lo = self.hex4()?;
-                            if !(0xDC00..=0xDFFF).contains(&lo) {
-                                return self.fail("lone leading surrogate in a \\u escape");
-                            }
-                            0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                        }
-                        0xDC00..=0xDFFF => {
-                            return self.fail("lone trailing surrogate in a \\u escape")
-                        }
-                        c => c,
-                    };
-                    owned.push(char::from_u32(c).expect("a valid scalar value"));
-                    continue;
+                    self.unicode_escape()?
                 }
-                _ => return self.fail("invalid escape"),
+                Some(&e) => {
+                    let c = match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        _ => return self.fail("invalid escape"),
+                    };
+                    self.pos += 1;
+                    c
+                }
+                None => return self.fail("unterminated string"),
             };
             owned.push(c);
-            self.pos += 1;
+            (end, non_ascii) = self.run_end()?;
         }
+    }
+
+    /// The offset of the next `"` or `\` from `pos`, and whether a non-ASCII byte comes before
+    /// it; a control character or the end of the input first is an error.
+    fn run_end(&mut self) -> Result<(usize, bool), Error> {
+        let (end, non_ascii) = scan(self.buf, self.pos);
+        match self.buf.get(end) {
+            Some(b'"' | b'\\') => Ok((end, non_ascii)),
+            Some(_) => {
+                self.pos = end;
+                self.fail("control character in a string")
+            }
+            None => self.fail("unterminated string"),
+        }
+    }
+
+    /// The bytes `start..end` as text; only a run with non-ASCII bytes needs checking.
+    fn text(&self, start: usize, end: usize, non_ascii: bool) -> Result<&'a str, Error> {
+        let bytes = &self.buf[start..end];
+        if non_ascii {
+            return std::str::from_utf8(bytes).map_err(|e| Error {
+                offset: start + e.valid_up_to(),
+                what: "invalid UTF-8 in a string".into(),
+            });
+        }
+        debug_assert!(bytes.is_ascii());
+        // SAFETY: `scan` saw no byte >= 0x80 in this run: it is ASCII, hence UTF-8.
+        Ok(unsafe { std::str::from_utf8_unchecked(bytes) })
+    }
+
+    /// The character of a `\u` escape whose hex digits start at `pos` (a surrogate pair
+    /// takes two escapes).
+    fn unicode_escape(&mut self) -> Result<char, Error> {
+        let hi = self.hex4()?;
+        let c = match hi {
+            0xD800..=0xDBFF => {
+                if !self.buf[self.pos..].starts_with(b"\\u") {
+                    return self.fail("lone leading surrogate in a \\u escape");
+                }
+                self.pos += 2;
+                let lo = self.hex4()?;
+                if !(0xDC00..=0xDFFF).contains(&lo) {
+                    return self.fail("lone leading surrogate in a \\u escape");
+                }
+                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+            }
+            0xDC00..=0xDFFF => return self.fail("lone trailing surrogate in a \\u escape"),
+            c => c,
+        };
+        Ok(char::from_u32(c).expect("a valid scalar value"))
     }
 
     fn hex4(&mut self) -> Result<u32, Error> {
@@ -416,13 +478,41 @@ impl<'a> Reader<'a> {
         self.pos += 4;
         Ok(v)
     }
+}
 
-    fn utf8(&self, start: usize, end: usize) -> Result<&'a str, Error> {
-        std::str::from_utf8(&self.buf[start..end]).map_err(|e| Error {
-            offset: start + e.valid_up_to(),
-            what: "invalid UTF-8 in a string".into(),
-        })
+/// The offset of the first `"`, `\` or control character in `buf` from `from` (`buf.len()` if
+/// none), and whether a byte >= 0x80 comes before it. Eight bytes at a time: a string's
+/// content is most of a reply.
+fn scan(buf: &[u8], from: usize) -> (usize, bool) {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = ONES << 7;
+    // Bytes equal to `b` get their high bit set (exact for the lowest such byte).
+    let equal = |chunk: u64, b: u8| {
+        let x = chunk ^ (ONES * u64::from(b));
+        x.wrapping_sub(ONES) & !x
+    };
+    let mut i = from;
+    let mut high = 0;
+    while let Some(bytes) = buf.get(i..i + 8) {
+        let chunk = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+        let control = chunk.wrapping_sub(ONES * 0x20) & !chunk;
+        let hits = (control | equal(chunk, b'"') | equal(chunk, b'\\')) & HIGHS;
+        if hits != 0 {
+            let at = hits.trailing_zeros() as usize / 8;
+            let before = chunk & HIGHS & ((1u64 << (at * 8)) - 1);
+            return (i + at, high | before != 0);
+        }
+        high |= chunk & HIGHS;
+        i += 8;
     }
+    while let Some(&b) = buf.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        high |= u64::from(b & 0x80);
+        i += 1;
+    }
+    (i, high != 0)
 }
 
 #[cfg(test)]

@@ -72,6 +72,8 @@ enum Frame<'a> {
         /// Which kinds of key the map has: atoms, binaries, integers (one bit each). Keys of
         /// one kind cannot collide in JSON; a mixed map is checked when it closes.
         kinds: u8,
+        /// Where this map's keys start in the list of written keys.
+        keys_from: usize,
     },
 }
 
@@ -118,13 +120,15 @@ fn refuse_container<T>(what: impl Into<String>) -> Result<T, Fail> {
 /// [`EncodeError::Struct`] the first struct.
 pub fn write_json(term: Term, out: &mut Vec<u8>, budget: usize) -> Result<(), EncodeError> {
     let mut stack: Vec<Frame> = Vec::new();
+    // The byte range in `out` of each key of the open maps, for their collision check.
+    let mut keys: Vec<(usize, usize)> = Vec::new();
     let mut next = Some(term);
     loop {
         let step = match next.take() {
-            Some(t) => write_value(t, out, budget, &mut stack),
+            Some(t) => write_value(t, out, budget, &mut stack, keys.len()),
             None => match stack.last_mut() {
                 None => return Ok(()),
-                Some(top) => advance(top, out, budget).inspect(|n| {
+                Some(top) => advance(top, out, budget, &mut keys).inspect(|n| {
                     if n.is_none() {
                         stack.pop();
                     }
@@ -157,6 +161,7 @@ fn write_value<'a>(
     out: &mut Vec<u8>,
     budget: usize,
     stack: &mut Vec<Frame<'a>>,
+    keys_len: usize,
 ) -> Result<Option<Term<'a>>, Fail> {
     if out.len() >= budget {
         return Err(Fail::OverBudget);
@@ -178,7 +183,7 @@ fn write_value<'a>(
             });
             match literal {
                 Some((_, text)) => out.extend_from_slice(text.as_bytes()),
-                None => write_str(&atom_text(term)?, out),
+                None => with_atom_name(term, |name| write_str(name, out))?,
             }
         }
         TermType::Binary => write_binary(term, out, budget)?,
@@ -214,6 +219,7 @@ fn write_value<'a>(
                 key: None,
                 count: 0,
                 kinds: 0,
+                keys_from: keys_len,
             });
         }
         TermType::Pid => return refuse("is a pid, which has no JSON form"),
@@ -231,6 +237,7 @@ fn advance<'a>(
     top: &mut Frame<'a>,
     out: &mut Vec<u8>,
     budget: usize,
+    keys: &mut Vec<(usize, usize)>,
 ) -> Result<Option<Term<'a>>, Fail> {
     match top {
         Frame::List { tail, index } => match tail.list_get_cell() {
@@ -267,6 +274,7 @@ fn advance<'a>(
             key,
             count,
             kinds,
+            keys_from,
         } => match iter.next() {
             Some((k, v)) => {
                 *key = None;
@@ -274,16 +282,19 @@ fn advance<'a>(
                     out.push(b',');
                 }
                 *count += 1;
+                let start = out.len();
                 *kinds |= write_key(k, v, out, budget)?;
+                keys.push((start, out.len()));
                 out.push(b':');
                 *key = Some(k);
                 Ok(Some(v))
             }
             None => {
                 *key = None;
-                if kinds.count_ones() > 1 {
+                if kinds.count_ones() > 1 && written_twice(out, &mut keys[*keys_from..]) {
                     check_collisions(*map)?;
                 }
+                keys.truncate(*keys_from);
                 out.push(b'}');
                 Ok(None)
             }
@@ -299,14 +310,20 @@ const INTEGER_KEY: u8 = 4;
 fn write_key(k: Term, v: Term, out: &mut Vec<u8>, budget: usize) -> Result<u8, Fail> {
     match k.get_type() {
         TermType::Atom => {
-            let name = atom_text(k).map_err(|_| container_refusal("has an unreadable atom key"))?;
-            if name == "__struct__" && v.is_atom() {
+            let is_struct = with_atom_name(k, |name| {
+                let is_struct = name == "__struct__" && v.is_atom();
+                if !is_struct {
+                    write_str(name, out);
+                }
+                is_struct
+            })
+            .map_err(|_| container_refusal("has an unreadable atom key"))?;
+            if is_struct {
                 let module = atom_text(v).unwrap_or_default();
                 return Err(Fail::Struct(
                     module.trim_start_matches("Elixir.").to_owned(),
                 ));
             }
-            write_str(&name, out);
             Ok(ATOM_KEY)
         }
         TermType::Binary => {
@@ -336,8 +353,22 @@ fn write_key(k: Term, v: Term, out: &mut Vec<u8>, budget: usize) -> Result<u8, F
     }
 }
 
+/// Whether two of these keys (byte ranges of `out`) were written alike. Equal strings are
+/// escaped alike, so comparing the JSON text is comparing the keys.
+fn written_twice(out: &[u8], keys: &mut [(usize, usize)]) -> bool {
+    let text = |&(a, b): &(usize, usize)| &out[a..b];
+    if keys.len() <= 16 {
+        return keys
+            .iter()
+            .enumerate()
+            .any(|(i, k)| keys[i + 1..].iter().any(|j| text(j) == text(k)));
+    }
+    keys.sort_unstable_by(|x, y| text(x).cmp(text(y)));
+    keys.windows(2).any(|w| text(&w[0]) == text(&w[1]))
+}
+
 /// Refuses a map two of whose keys are written alike (`:a` and `"a"`, `1` and `"1"`): the
-/// worker would see one of them only.
+/// worker would see one of them only. Called once [`written_twice`] saw it, to name the keys.
 fn check_collisions(map: Term) -> Result<(), Fail> {
     let mut seen: HashMap<String, Term> = HashMap::new();
     for (k, _) in MapIterator::new(map).into_iter().flatten() {
@@ -390,8 +421,34 @@ fn write_int(term: Term, out: &mut Vec<u8>) -> Result<(), Fail> {
 
 /// An atom's name, whatever its characters.
 fn atom_text(term: Term) -> Result<String, Fail> {
-    if let Ok(name) = term.atom_to_string() {
-        return Ok(name);
+    with_atom_name(term, str::to_owned)
+}
+
+/// Calls `f` with an atom's name, whatever its characters, without allocating for the usual
+/// (Latin-1) ones.
+fn with_atom_name<R>(term: Term, f: impl FnOnce(&str) -> R) -> Result<R, Fail> {
+    use rustler::sys::{c_char, enif_get_atom, ErlNifCharEncoding};
+    if !term.is_atom() {
+        return refuse("is not an atom");
+    }
+    // Atoms have at most 255 characters; the NIF API adds a NUL.
+    let mut buf = [0u8; 256];
+    // SAFETY: the env and term are live for this call, and `buf` is as long as we say.
+    let n = unsafe {
+        enif_get_atom(
+            term.get_env().as_c_arg(),
+            term.as_c_arg(),
+            buf.as_mut_ptr() as *mut c_char,
+            buf.len() as _,
+            ErlNifCharEncoding::ERL_NIF_LATIN1,
+        )
+    };
+    if n > 0 {
+        let latin1 = &buf[..n as usize - 1];
+        return Ok(match std::str::from_utf8(latin1) {
+            Ok(ascii) if latin1.is_ascii() => f(ascii),
+            _ => f(&latin1.iter().map(|&b| char::from(b)).collect::<String>()),
+        });
     }
     // OTP 25's NIF API reads atom names as Latin-1 only; the external format has them as UTF-8.
     let ext = term.to_binary();
@@ -402,7 +459,10 @@ fn atom_text(term: Term) -> Result<String, Fail> {
         }
         _ => return refuse("is an unreadable atom"),
     };
-    String::from_utf8(name.to_vec()).or_else(|_| refuse("is an unreadable atom"))
+    match std::str::from_utf8(name) {
+        Ok(name) => Ok(f(name)),
+        Err(_) => refuse("is an unreadable atom"),
+    }
 }
 
 /// The path of the current element (`container`: of the innermost open container). A deep
@@ -508,10 +568,12 @@ pub fn json_to_term<'a>(env: Env<'a>, json: &[u8]) -> Result<Term<'a>, crate::js
             Event::Null => rustler::types::atom::nil().encode(env),
             Event::Bool(b) => b.encode(env),
             Event::Str(s) => s.as_ref().encode(env),
-            Event::Number { text, int } => number(env, text, int).ok_or(crate::json::Error {
-                offset: at,
-                what: format!("number out of range ({text})"),
-            })?,
+            Event::Number { text, int } => {
+                number(env, text, int).ok_or_else(|| crate::json::Error {
+                    offset: at,
+                    what: format!("number out of range ({text})"),
+                })?
+            }
         };
         if open.is_empty() {
             reader.finish()?;
