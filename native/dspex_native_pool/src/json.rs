@@ -658,6 +658,30 @@ mod tests {
             ..Default::default()
         })]
 
+        /// The eight-bytes-at-a-time scan finds what a byte-by-byte one finds.
+        #[test]
+        fn scan_agrees_with_a_plain_loop(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just(b'"'),
+                    proptest::prelude::Just(b'\\'),
+                    0u8..0x20,
+                    0x20u8..0x80,
+                    0x80u8..=0xFF,
+                ],
+                0..40,
+            ),
+            from in 0usize..40,
+        ) {
+            let from = from.min(bytes.len());
+            let end = bytes[from..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .map_or(bytes.len(), |i| from + i);
+            let high = bytes[from..end].iter().any(|&b| b >= 0x80);
+            proptest::prop_assert_eq!(scan(&bytes, from), (end, high));
+        }
+
         #[test]
         fn events_rebuild_what_serde_json_reads(
             s in proptest::prelude::any::<String>(),

@@ -125,7 +125,7 @@ pub fn write_json(term: Term, out: &mut Vec<u8>, budget: usize) -> Result<(), En
     let mut next = Some(term);
     loop {
         let step = match next.take() {
-            Some(t) => write_value(t, out, budget, &mut stack, keys.len()),
+            Some(t) => write_value(t, out, budget, &mut stack, keys.len()).map(|()| None),
             None => match stack.last_mut() {
                 None => return Ok(()),
                 Some(top) => advance(top, out, budget, &mut keys).inspect(|n| {
@@ -155,14 +155,14 @@ pub fn write_json(term: Term, out: &mut Vec<u8>, budget: usize) -> Result<(), En
     }
 }
 
-/// Writes a scalar, or opens a container (pushing its frame). Never returns a term to write.
+/// Writes a scalar, or opens a container (pushing its frame for [`advance`]).
 fn write_value<'a>(
     term: Term<'a>,
     out: &mut Vec<u8>,
     budget: usize,
     stack: &mut Vec<Frame<'a>>,
     keys_len: usize,
-) -> Result<Option<Term<'a>>, Fail> {
+) -> Result<(), Fail> {
     if out.len() >= budget {
         return Err(Fail::OverBudget);
     }
@@ -228,7 +228,7 @@ fn write_value<'a>(
         TermType::Port => return refuse("is a port, which has no JSON form"),
         TermType::Unknown => return refuse("is a term with no JSON form"),
     }
-    Ok(None)
+    Ok(())
 }
 
 /// Moves to the top container's next element: `Some(term)` to write next, or `None` when the
