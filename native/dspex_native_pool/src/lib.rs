@@ -1,7 +1,8 @@
 //! A pool of Python DSPy workers for Elixir, as a rustler NIF.
 //!
-//! One module per concept. `runtime`, `protocol`, `worker`, `session` and `pool` know nothing
-//! of the BEAM (the pool's logic is tested against in-process fake workers in `pool_tests`);
+//! One module per concept. `runtime`, `protocol`, `json`, `worker`, `session` and `pool` know
+//! nothing of the BEAM (the pool's logic is tested against in-process fake workers in
+//! `pool_tests`);
 //! `term` (term <-> JSON), `checkout` (process monitors, checkout handles), the encoding of
 //! `error` and `nif` (the NIF functions) are the BEAM side.
 
