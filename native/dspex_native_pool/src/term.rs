@@ -60,7 +60,9 @@ enum Frame<'a> {
         index: usize,
     },
     Tuple {
-        elems: Vec<Term<'a>>,
+        /// The tuple's elements, in place (no copy: a tuple of millions of elements must not
+        /// cost a normal scheduler anything before the budget is checked).
+        elems: &'a [rustler::sys::ErlNifTerm],
         index: usize,
     },
     Map {
@@ -128,7 +130,7 @@ pub fn write_json(term: Term, out: &mut Vec<u8>, budget: usize) -> Result<(), En
             Some(t) => write_value(t, out, budget, &mut stack, keys.len()).map(|()| None),
             None => match stack.last_mut() {
                 None => return Ok(()),
-                Some(top) => advance(top, out, budget, &mut keys).inspect(|n| {
+                Some(top) => advance(term.get_env(), top, out, budget, &mut keys).inspect(|n| {
                     if n.is_none() {
                         stack.pop();
                     }
@@ -204,8 +206,7 @@ fn write_value<'a>(
         }
         TermType::Tuple => {
             open(stack)?;
-            let elems =
-                rustler::types::tuple::get_tuple(term).map_err(|_| refusal("is a bad tuple"))?;
+            let elems = tuple_elements(term).ok_or_else(|| refusal("is a bad tuple"))?;
             out.push(b'[');
             stack.push(Frame::Tuple { elems, index: 0 });
         }
@@ -234,6 +235,7 @@ fn write_value<'a>(
 /// Moves to the top container's next element: `Some(term)` to write next, or `None` when the
 /// container is closed (the caller pops it).
 fn advance<'a>(
+    env: Env<'a>,
     top: &mut Frame<'a>,
     out: &mut Vec<u8>,
     budget: usize,
@@ -261,7 +263,8 @@ fn advance<'a>(
                     out.push(b',');
                 }
                 *index += 1;
-                Ok(Some(e))
+                // SAFETY: an element of a tuple that lives as long as the env does.
+                Ok(Some(unsafe { Term::new(env, e) }))
             }
             None => {
                 out.push(b']');
@@ -305,6 +308,28 @@ fn advance<'a>(
 const ATOM_KEY: u8 = 1;
 const BINARY_KEY: u8 = 2;
 const INTEGER_KEY: u8 = 4;
+
+/// A tuple's elements, read in place.
+fn tuple_elements<'a>(term: Term<'a>) -> Option<&'a [rustler::sys::ErlNifTerm]> {
+    let mut arity = 0;
+    let mut array = std::ptr::null();
+    // SAFETY: the env and term are live; on success ERTS points `array` at the tuple's `arity`
+    // elements, which live as long as the term.
+    unsafe {
+        let ok = rustler::sys::enif_get_tuple(
+            term.get_env().as_c_arg(),
+            term.as_c_arg(),
+            &mut arity,
+            &mut array,
+        );
+        match (ok, arity) {
+            (0, _) => None,
+            // `array` may be null for `{}`, and a slice must not be.
+            (_, 0) => Some(&[]),
+            _ => Some(std::slice::from_raw_parts(array, arity as usize)),
+        }
+    }
+}
 
 /// Writes a map key as a JSON string; returns its kind.
 fn write_key(k: Term, v: Term, out: &mut Vec<u8>, budget: usize) -> Result<u8, Fail> {
