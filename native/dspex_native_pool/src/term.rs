@@ -33,7 +33,7 @@ use crate::json::{Event, Reader};
 pub const MAX_DEPTH: usize = 250;
 
 /// The smallest integer sent: what orjson, the bridge's parser, reads exactly (beyond 64 bits
-/// it reads a lossy float, and from 10^309 on nothing at all).
+/// it reads a lossy float, and beyond a float's range nothing at all).
 pub const INT_MIN: i64 = i64::MIN;
 /// The largest integer sent (see [`INT_MIN`]).
 pub const INT_MAX: u64 = u64::MAX;
