@@ -318,5 +318,15 @@ fn the_pool_holds_up_under_many_threads_crashes_and_timeouts() {
     pool.audit().unwrap();
     let s = pool.status();
     assert_eq!((s.queued, s.open_leases), (0, 0), "{s:?}");
-    assert!(s.ready + s.busy + s.starting >= 4, "{s:?}");
+    // A worker crashed by the last calls may still be on its way out: the pool is back at full
+    // size once its exit is handled (bounded wait).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = pool.status();
+        if s.ready + s.busy + s.starting >= 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
