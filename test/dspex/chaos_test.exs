@@ -8,14 +8,6 @@ defmodule DSPex.NativePool.ChaosTest do
 
   @moduletag :chaos
 
-  # Known defect, left in the task's output (issue 8): a worker SIGKILLed during its start-up
-  # counts as a start failure, so when every worker is down at that moment the pool answers
-  # `{:checkout_failed, "no worker could be started: it exited during start-up (killed by
-  # signal 9)"}` at once, for the whole backoff, although the next start would succeed
-  # (dspex_pool_core: workers.rs `start_failed` -> leases.rs `cannot_serve`). The chaos test
-  # below checks everything else; the skipped one checks that too.
-  @known_failing ["{:checkout_failed, _} while workers can start"]
-
   defp chaos do
     Chaos.run(
       script: PoolCase.test_worker(),
@@ -29,8 +21,7 @@ defmodule DSPex.NativePool.ChaosTest do
   test "200 callers on 4 workers through SIGKILLs, a SIGSTOP and killed holders: every reply right, nothing hung or left behind" do
     report = chaos()
     table = IO.iodata_to_binary(Chaos.format(report))
-    failures = for {label, _} = f <- Chaos.failures(report), label not in @known_failing, do: f
-    assert failures == [], table
+    assert Chaos.failures(report) == [], table
 
     # The chaos happened: the checks above are not vacuous.
     assert report.counts[:ok] > 100, table
@@ -40,15 +31,8 @@ defmodule DSPex.NativePool.ChaosTest do
     assert report.after_stop.workers_seen > 10, table
   end
 
-  @tag skip: "known defect: a SIGKILL during start-up makes the pool refuse callers (see above)"
-  @tag timeout: 120_000
-  test "no {:checkout_failed, _} while workers can start, under chaos" do
-    report = chaos()
-    assert Chaos.failures(report) == [], IO.iodata_to_binary(Chaos.format(report))
-  end
-
-  # The same defect, deterministic: one worker, killed once when up and once while starting.
-  @tag skip: "known defect: a SIGKILL during start-up makes the pool refuse callers (see above)"
+  # One worker, killed once when up and once while starting: one failed start is no reason to
+  # refuse callers while the next start would succeed.
   test "a worker SIGKILLed during start-up does not make callers fail while the next start would succeed" do
     opts =
       PoolCase.start_pool(

@@ -162,6 +162,38 @@ defmodule DSPex.NativePoolConcurrencyTest do
       assert_receive {^ref, {:ok, %{"tool_results" => [_]}}}, 5_000
       assert {:error, {:checkout_failed, _}} = Native.control(resource, lease, %{control: "x"})
     end
+
+    test "control/3: structs written as in arguments, bodies nested past serde_json's 128" do
+      opts = start_pool(pool_size: 1, env: @v2)
+      %{resource: resource} = :persistent_term.get({NativePool, opts[:pool]})
+
+      tool_call = fn ->
+        ref = make_ref()
+        :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "add"}, 5_000, 5_000)
+        assert_receive {^ref, {:event, lease, %{"event" => "tool_call"}}}, 5_000
+        {ref, lease}
+      end
+
+      {ref, lease} = tool_call.()
+      body = %{control: "tool_result", call_id: 1, ok: true, result: %{at: ~D[2025-07-01]}}
+      # The NIF stops at the struct; control/3 converts the body and sends it again.
+      assert :structs = Native.control(resource, lease, body)
+      assert :ok = NativePool.control(lease, body, opts)
+      assert_receive {^ref, {:ok, %{"tool_results" => [_]} = result}}, 5_000
+      assert inspect(result) =~ "2025-07-01"
+
+      # 200 levels: the control frame is checked and written without a recursive parser.
+      {ref, lease} = tool_call.()
+      deep = Enum.reduce(1..200, "leaf", fn _, acc -> [acc] end)
+      assert :ok = NativePool.control(lease, %{body | result: deep}, opts)
+      assert_receive {^ref, {:ok, %{"tool_results" => [_]} = result}}, 5_000
+      assert inspect(result, limit: :infinity) =~ "leaf"
+
+      assert {:error, {:invalid_args, "expected a lease" <> _}} =
+               NativePool.control(:nope, body, opts)
+
+      assert {:error, {:checkout_failed, _}} = NativePool.control(lease, %{control: "x"}, opts)
+    end
   end
 
   describe "a worker that announces nothing" do

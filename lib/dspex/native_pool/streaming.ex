@@ -9,7 +9,8 @@ defmodule DSPex.NativePool.Streaming do
   # for the request and waits (at most @cancel_wait) for its final frame, so nothing of it is
   # left in the mailbox; a consumer that dies is a caller gone, which the pool cancels itself.
 
-  alias DSPex.NativePool.{Native, Server, Tools}
+  alias DSPex.NativePool.{Server, Tools}
+  alias DSPex.PythonBridge.NativePool
 
   # How long a halted stream waits for the worker to confirm the cancel.
   @cancel_wait 5_000
@@ -71,7 +72,7 @@ defmodule DSPex.NativePool.Streaming do
   defp finish(%{lease: nil}), do: :ok
 
   defp finish(%{ref: ref, pool: pool, lease: lease}) do
-    case Native.control(pool.resource, lease, %{control: "cancel"}) do
+    case NativePool.control_frame(pool.resource, lease, %{control: "cancel"}) do
       :ok -> drain(ref, System.monotonic_time(:millisecond) + @cancel_wait)
       # The request already ended: its reply is on its way or here.
       {:error, _} -> drain(ref, System.monotonic_time(:millisecond))

@@ -11,7 +11,7 @@ defmodule DSPex.NativePool.Tools do
   # flowing, and tools of different requests run at the same time. A caller that dies while a
   # tool runs takes the tool down (the pool cancels its request).
 
-  alias DSPex.NativePool.Native
+  alias DSPex.PythonBridge.NativePool
 
   @supervisor DSPex.NativePool.TaskSupervisor
   @default_timeout 30_000
@@ -121,10 +121,5 @@ defmodule DSPex.NativePool.Tools do
     control(pool, lease, %{control: "tool_result", call_id: call_id, ok: false, error: message})
   end
 
-  defp control(pool, lease, body) do
-    case Native.control(pool.resource, lease, body) do
-      :dirty -> Native.control_dirty(pool.resource, lease, body)
-      other -> other
-    end
-  end
+  defp control(pool, lease, body), do: NativePool.control_frame(pool.resource, lease, body)
 end

@@ -130,11 +130,14 @@ defmodule DSPex.PythonBridge.NativePool do
   A request may get frames before its reply (`{"id": N, "event": ...}`, see
   `docs/protocol.md`): they reach the caller as `{ref, {:event, lease, map}}` messages, with
   the `ref` of its reply, before `{ref, reply}`. The calls of this module answer tool calls
-  (see above), turn chunks into `execute_stream/4`'s elements, and skip other events.
-  `DSPex.NativePool.Native.control(pool_resource, lease, map)` writes a control frame for the
-  request `lease` has in flight (for example `%{control: "tool_result", call_id: 1, ok: true,
-  result: 3}`; the pool adds the id) and returns `:ok`, `{:error, reason}`, or `:dirty` for a
-  body too large to encode on a normal scheduler (then call `Native.control_dirty/3`).
+  (see "Streaming and Elixir tools"), turn chunks into `execute_stream/4`'s elements, and skip
+  other events.
+  `control/3` writes a control frame for the request `lease` has in flight (for example
+  `%{control: "tool_result", call_id: 1, ok: true, result: 3}`; the pool adds the id). Underneath
+  it, `DSPex.NativePool.Native.control(pool_resource, lease, map)` returns `:ok`,
+  `{:error, reason}`, `:dirty` for a body too large to encode on a normal scheduler (then call
+  `Native.control_dirty/3`), or `:structs` for a body holding structs (convert it with
+  `DSPex.NativePool.Structs.convert/1` and call again).
 
   ## Errors
 
@@ -157,9 +160,11 @@ defmodule DSPex.PythonBridge.NativePool do
       includes a reply with `"id": null`, the bridge's answer to a request it could not parse:
       the pool cannot tell which request it was, so the worker's state is unknown
     * `{:invalid_args, detail}` - the arguments cannot be encoded as JSON (a pid, a function, a
-      non-UTF-8 binary...); nothing was sent
-    * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (the detail
-      says why, with the worker's stderr), or a checkout lost its worker
+      non-UTF-8 binary, an integer beyond 64 bits, nesting over 250 levels, keys that collide
+      once written, a struct with no JSON form: the README's "Limits"); nothing was sent
+    * `{:checkout_failed, detail}` - the pool is stopping, no worker can be started (start-up
+      failed twice in a row and nothing else is up or starting; the detail says why, with the
+      worker's stderr), or a checkout lost its worker
     * `{:session_lost, detail}` - a `:strict` session's worker died
     * `{:invalid_command, detail}` - the command is not an atom or a non-empty UTF-8 string
     * `{:invalid_session_id, detail}` - the session id is not a non-empty UTF-8 string, an atom
@@ -172,7 +177,16 @@ defmodule DSPex.PythonBridge.NativePool do
   `got: ...` before anything is sent. Unknown call option keys are ignored, as SessionPoolV2 did.
   """
 
-  alias DSPex.NativePool.{Checkout, Native, Registry, Server, Streaming, Telemetry, Tools}
+  alias DSPex.NativePool.{
+    Checkout,
+    Native,
+    Registry,
+    Server,
+    Streaming,
+    Structs,
+    Telemetry,
+    Tools
+  }
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
@@ -272,7 +286,7 @@ defmodule DSPex.PythonBridge.NativePool do
          {:ok, args} <- args_map(args),
          {:ok, pool} <- Server.fetch(opts[:pool]) do
       touch_session(session_id)
-      args = Map.put(args, :session_id, session_id)
+      args = with_session_id(args, session_id)
       run(pool, session_mode(pool, session_id, opts), command, command_name, args, opts)
     end
   end
@@ -346,11 +360,17 @@ defmodule DSPex.PythonBridge.NativePool do
             error -> error
           end)
 
-        {:error, _} = error ->
-          error
+        # {:error, _} or :structs
+        other ->
+          other
       end
 
     case reply do
+      # The arguments hold structs: converted once (DateTime as ISO 8601...), then sent.
+      :structs ->
+        with {:ok, args} <- Structs.convert(args),
+             do: run(pool, mode, command, args, pool_timeout, timeout, retries, tools)
+
       {:error, {tag, _}} when tag in [:worker_exited, :worker_unresponsive] and retries > 0 ->
         run(pool, mode, command, args, pool_timeout, timeout, retries - 1, tools)
 
@@ -358,6 +378,11 @@ defmodule DSPex.PythonBridge.NativePool do
         reply
     end
   end
+
+  # The session's id replaces any the caller put in `args` (as SessionPoolV2's Map.put did);
+  # a "session_id" string key next to the atom one would be refused as a colliding key.
+  defp with_session_id(args, session_id),
+    do: args |> Map.delete("session_id") |> Map.put(:session_id, session_id)
 
   defp await(ref, wait, pool, tools) do
     receive do
@@ -443,19 +468,18 @@ defmodule DSPex.PythonBridge.NativePool do
     with {:ok, command} <- command(command),
          {:ok, args} <- args_map(args) do
       args = Map.put(args, :stream, true)
-
-      args =
-        if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
-
+      args = if checkout.session_id, do: with_session_id(args, checkout.session_id), else: args
       ref = make_ref()
 
-      sent =
+      send_call = fn args ->
         case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
           :dirty -> Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout))
           other -> other
         end
+      end
 
-      with :ok <- sent, do: {:ok, ref, checkout.pool, wait_ms(timeout, 0)}
+      with :ok <- with_structs(send_call, args),
+           do: {:ok, ref, checkout.pool, wait_ms(timeout, 0)}
     end
   end
 
@@ -471,7 +495,7 @@ defmodule DSPex.PythonBridge.NativePool do
       ref = make_ref()
       mode = if mode == :anonymous, do: :anonymous, else: session_mode(pool, mode, opts)
 
-      sent =
+      send_execute = fn args ->
         case Native.execute(
                pool.resource,
                ref,
@@ -495,11 +519,20 @@ defmodule DSPex.PythonBridge.NativePool do
           other ->
             other
         end
+      end
 
-      case sent do
+      case with_structs(send_execute, args) do
         :ok -> {:ok, ref, pool, wait_ms(pool_timeout, timeout)}
         {:error, reason} -> {:error, Server.with_hint(reason, pool)}
       end
+    end
+  end
+
+  # Sends with `args` as they are, or once more with their structs converted (see run/8).
+  defp with_structs(send_fun, args) do
+    case send_fun.(args) do
+      :structs -> with {:ok, args} <- Structs.convert(args), do: send_fun.(args)
+      other -> other
     end
   end
 
@@ -509,7 +542,7 @@ defmodule DSPex.PythonBridge.NativePool do
     with {:ok, session_id} <- session_id(session_id),
          {:ok, args} <- args_map(args) do
       touch_session(session_id)
-      {:ok, session_id, Map.put(args, :session_id, session_id)}
+      {:ok, session_id, with_session_id(args, session_id)}
     end
   end
 
@@ -724,8 +757,7 @@ defmodule DSPex.PythonBridge.NativePool do
 
     with {:ok, command} <- command(command),
          {:ok, args} <- args_map(args) do
-      args =
-        if checkout.session_id, do: Map.put(args, :session_id, checkout.session_id), else: args
+      args = if checkout.session_id, do: with_session_id(args, checkout.session_id), else: args
 
       ref = make_ref()
       wait = wait_ms(timeout, 0)
@@ -733,28 +765,79 @@ defmodule DSPex.PythonBridge.NativePool do
       tools = tool_context(opts)
       pool = checkout.pool
 
-      case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
-        :ok ->
-          receive do
-            {^ref, {:event, lease, event}} ->
-              on_event(pool, lease, event, tools)
-              await(ref, wait, pool, tools)
+      reply =
+        case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
+          :ok ->
+            receive do
+              {^ref, {:event, lease, event}} ->
+                on_event(pool, lease, event, tools)
+                await(ref, wait, pool, tools)
 
-            {^ref, reply} ->
-              reply
-          after
-            wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
-          end
+              {^ref, reply} ->
+                reply
+            after
+              wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
+            end
 
-        :dirty ->
-          case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
-            :ok -> await(ref, wait, pool, tools)
-            error -> error
-          end
+          :dirty ->
+            case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
+              :ok -> await(ref, wait, pool, tools)
+              other -> other
+            end
 
-        {:error, _} = error ->
-          error
+          # {:error, _} or :structs
+          other ->
+            other
+        end
+
+      case reply do
+        # As in run/8.
+        :structs ->
+          with {:ok, args} <- Structs.convert(args), do: call(checkout, command, args, opts)
+
+        reply ->
+          reply
       end
+    end
+  end
+
+  @doc """
+  Writes a control frame (protocol 2) for the request in flight of `lease`, the integer of
+  its `{ref, {:event, lease, map}}` messages: `body` is a map such as
+  `%{control: "tool_result", call_id: 1, ok: true, result: 3}` (structs in it are written as in
+  arguments). Options: `:pool` or `:pool_name`, as `execute_in_session/4`.
+
+  Returns `:ok`, `{:error, {:checkout_failed, _}}` when no request of `lease` is in flight on a
+  protocol 2 worker, or `{:error, {:invalid_args, _}}` for a body that cannot be a JSON object.
+  """
+  @spec control(non_neg_integer(), map(), options()) :: :ok | {:error, reason()}
+  def control(lease, body, opts \\ [])
+
+  def control(lease, body, opts) when is_integer(lease) and lease >= 0 do
+    opts = call_options!(opts)
+    with {:ok, pool} <- Server.fetch(opts[:pool]), do: control_frame(pool.resource, lease, body)
+  end
+
+  def control(lease, _body, _opts),
+    do:
+      {:error,
+       {:invalid_args, "expected a lease (a non-negative integer), got: #{inspect(lease)}"}}
+
+  @doc false
+  def control_frame(resource, lease, body) do
+    reply =
+      case Native.control(resource, lease, body) do
+        :dirty -> Native.control_dirty(resource, lease, body)
+        other -> other
+      end
+
+    case reply do
+      # As in run/8.
+      :structs ->
+        with {:ok, body} <- Structs.convert(body), do: control_frame(resource, lease, body)
+
+      reply ->
+        reply
     end
   end
 

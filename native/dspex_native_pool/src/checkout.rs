@@ -24,14 +24,17 @@ pub static LIVE: AtomicI64 = AtomicI64::new(0);
 /// A pool and the processes that use it.
 pub struct Shared {
     pub pool: Pool,
+    /// The pool's `max_frame_size`: arguments are refused before they outgrow it.
+    pub max_frame_size: usize,
     owners: Mutex<HashMap<LocalPid, (Owner, ResourceArc<OwnerGuard>)>>,
     next_owner: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(pool: Pool) -> Arc<Shared> {
+    pub fn new(pool: Pool, max_frame_size: usize) -> Arc<Shared> {
         Arc::new(Shared {
             pool,
+            max_frame_size,
             owners: Mutex::new(HashMap::new()),
             next_owner: AtomicU64::new(1),
         })

@@ -22,7 +22,7 @@ mod atoms {
         pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions, open_leases,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
-        dirty, event, in_flight, capacity, cancelled,
+        dirty, structs, event, in_flight, capacity, cancelled,
     }
 }
 
@@ -248,7 +248,7 @@ fn pool_start(env: Env, config: Config) -> Term {
     };
     let pool = Pool::start(pool_config, Box::new(spawner), Box::new(events));
     ResourceArc::new(PoolResource {
-        shared: Shared::new(pool),
+        shared: Shared::new(pool, config.max_frame_size),
     })
     .encode(env)
 }
@@ -295,18 +295,57 @@ fn decode_command(term: Term) -> NifResult<String> {
 /// encoded again by the `_dirty` variant of the NIF, on a dirty CPU scheduler.
 const SCHEDULER_BUDGET: usize = 64 * 1024;
 
+/// Where arguments are encoded: on the calling (normal) scheduler within
+/// [`SCHEDULER_BUDGET`], or on a dirty one, within the frame limit only.
+#[derive(Clone, Copy, PartialEq)]
+enum Scheduler {
+    Normal,
+    Dirty,
+}
+
+/// What became of a request's arguments.
 enum Args {
     Json(Vec<u8>),
     Invalid(PoolError),
+    /// Too large for a normal scheduler: the NIF returns `:dirty`.
     OverBudget,
+    /// The arguments hold structs: the NIF returns `:structs` and the Elixir side converts
+    /// them (`DSPex.NativePool.Structs`) and calls again.
+    Structs,
 }
 
-fn encode_args(args: Term, budget: usize) -> Args {
+/// Encodes a request's arguments, refusing them as soon as the request would exceed
+/// `max_frame` (before copying a binary that would, not after building the frame).
+fn encode_args(args: Term, command: &str, max_frame: usize, on: Scheduler) -> Args {
+    // `{"id":<u64>,"command":<command>,"args":` ... `}`
+    let envelope = 48 + command.len();
+    let frame_budget = max_frame.saturating_sub(envelope);
+    let budget = match on {
+        Scheduler::Normal => frame_budget.min(SCHEDULER_BUDGET),
+        Scheduler::Dirty => frame_budget,
+    };
     let mut out = Vec::with_capacity(128);
     match crate::term::write_json(args, &mut out, budget) {
         Ok(()) => Args::Json(out),
         Err(EncodeError::Invalid(msg)) => Args::Invalid(PoolError::InvalidArgs(msg)),
-        Err(EncodeError::OverBudget) => Args::OverBudget,
+        Err(EncodeError::Struct(_)) => Args::Structs,
+        Err(EncodeError::OverBudget) if on == Scheduler::Normal && budget < frame_budget => {
+            Args::OverBudget
+        }
+        Err(EncodeError::OverBudget) => Args::Invalid(PoolError::InvalidArgs(format!(
+            "the arguments are more than {frame_budget} bytes of JSON: the request would \
+             exceed the pool's max_frame_size of {max_frame} bytes"
+        ))),
+    }
+}
+
+/// The NIF's answer when the arguments did not become JSON.
+fn unencoded(env: Env, args: Args) -> Term {
+    match args {
+        Args::Json(_) => unreachable!("encoded"),
+        Args::Invalid(e) => error(env, e),
+        Args::OverBudget => atoms::dirty().encode(env),
+        Args::Structs => atoms::structs().encode(env),
     }
 }
 
@@ -315,8 +354,9 @@ fn error<'a>(env: Env<'a>, e: PoolError) -> Term<'a> {
 }
 
 /// Claims a worker and sends it the request; the reply comes as `{reference, result}`.
-/// Returns `:ok`, `{:error, reason}`, or `:dirty` when the arguments are too large to encode
-/// here (call `execute_dirty/7`).
+/// Returns `:ok`, `{:error, reason}`, `:dirty` when the arguments are too large to encode
+/// here (call `execute_dirty/7`), or `:structs` when they hold structs (convert them with
+/// `DSPex.NativePool.Structs.convert/1` and call again).
 #[rustler::nif]
 #[allow(clippy::too_many_arguments)]
 fn execute<'a>(
@@ -338,7 +378,7 @@ fn execute<'a>(
         arguments,
         pool_timeout,
         timeout,
-        SCHEDULER_BUDGET,
+        Scheduler::Normal,
     )
 }
 
@@ -363,7 +403,7 @@ fn execute_dirty<'a>(
         arguments,
         pool_timeout,
         timeout,
-        usize::MAX,
+        Scheduler::Dirty,
     )
 }
 
@@ -377,14 +417,13 @@ fn execute_impl<'a>(
     arguments: Term<'a>,
     pool_timeout: u64,
     timeout: u64,
-    budget: usize,
+    on: Scheduler,
 ) -> NifResult<Term<'a>> {
     let mode = decode_mode(mode)?;
     let command = decode_command(command)?;
-    let args = match encode_args(arguments, budget) {
+    let args = match encode_args(arguments, &command, pool.shared.max_frame_size, on) {
         Args::Json(a) => a,
-        Args::Invalid(e) => return Ok(error(env, e)),
-        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
+        other => return Ok(unencoded(env, other)),
     };
     let owner = pool.shared.owner(env);
     let id = pool.shared.pool.new_lease_id();
@@ -430,7 +469,7 @@ fn checkout<'a>(
     }
 }
 
-/// Sends a request on a held checkout; like `execute/8`, may return `:dirty`.
+/// Sends a request on a held checkout; like `execute/8`, may return `:dirty` or `:structs`.
 #[rustler::nif]
 fn call<'a>(
     env: Env<'a>,
@@ -447,7 +486,7 @@ fn call<'a>(
         command,
         arguments,
         timeout,
-        SCHEDULER_BUDGET,
+        Scheduler::Normal,
     )
 }
 
@@ -467,7 +506,7 @@ fn call_dirty<'a>(
         command,
         arguments,
         timeout,
-        usize::MAX,
+        Scheduler::Dirty,
     )
 }
 
@@ -478,13 +517,12 @@ fn call_impl<'a>(
     command: Term<'a>,
     arguments: Term<'a>,
     timeout: u64,
-    budget: usize,
+    on: Scheduler,
 ) -> NifResult<Term<'a>> {
     let command = decode_command(command)?;
-    let args = match encode_args(arguments, budget) {
+    let args = match encode_args(arguments, &command, lease.shared.max_frame_size, on) {
         Args::Json(a) => a,
-        Args::Invalid(e) => return Ok(error(env, e)),
-        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
+        other => return Ok(unencoded(env, other)),
     };
     let request = Request {
         command,
@@ -501,8 +539,8 @@ fn call_impl<'a>(
 /// Writes a control frame (`body`, a map such as
 /// `%{control: "tool_result", call_id: 1, ok: true, result: 3}`) for the request in flight of
 /// `lease` (the integer of its `{ref, {:event, lease, map}}` messages). Returns `:ok`,
-/// `{:error, reason}`, or `:dirty` when the body is too large to encode here (call
-/// `control_dirty/3`).
+/// `{:error, reason}`, `:dirty` when the body is too large to encode here (call
+/// `control_dirty/3`), or `:structs` when it holds structs (convert them and call again).
 #[rustler::nif]
 fn control<'a>(
     env: Env<'a>,
@@ -510,7 +548,7 @@ fn control<'a>(
     lease: u64,
     body: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    control_impl(env, pool, lease, body, SCHEDULER_BUDGET)
+    control_impl(env, pool, lease, body, Scheduler::Normal)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -520,7 +558,7 @@ fn control_dirty<'a>(
     lease: u64,
     body: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    control_impl(env, pool, lease, body, usize::MAX)
+    control_impl(env, pool, lease, body, Scheduler::Dirty)
 }
 
 fn control_impl<'a>(
@@ -528,12 +566,12 @@ fn control_impl<'a>(
     pool: ResourceArc<PoolResource>,
     lease: u64,
     body: Term<'a>,
-    budget: usize,
+    on: Scheduler,
 ) -> NifResult<Term<'a>> {
-    let body = match encode_args(body, budget) {
+    // The frame is `{"id":N,` and the body's members: within the request envelope's allowance.
+    let body = match encode_args(body, "", pool.shared.max_frame_size, on) {
         Args::Json(b) => b,
-        Args::Invalid(e) => return Ok(error(env, e)),
-        Args::OverBudget => return Ok(atoms::dirty().encode(env)),
+        other => return Ok(unencoded(env, other)),
     };
     match pool.shared.pool.control(lease, body) {
         Ok(()) => Ok(atoms::ok().encode(env)),
@@ -613,14 +651,17 @@ fn keyed<'a>(env: Env<'a>, pairs: &[(Atom, Term<'a>)]) -> Vec<(Term<'a>, Term<'a
 /// On a dirty scheduler: a large term takes milliseconds.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn json_encode<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
-    match encode_args(term, usize::MAX) {
-        Args::Json(bytes) => {
-            let mut bin = rustler::NewBinary::new(env, bytes.len());
-            bin.as_mut_slice().copy_from_slice(&bytes);
+    let mut out = Vec::with_capacity(128);
+    match crate::term::write_json(term, &mut out, usize::MAX) {
+        Ok(()) => {
+            let mut bin = rustler::NewBinary::new(env, out.len());
+            bin.as_mut_slice().copy_from_slice(&out);
             (atoms::ok(), Term::from(bin)).encode(env)
         }
-        Args::Invalid(e) => error(env, e),
-        Args::OverBudget => unreachable!("no budget"),
+        Err(EncodeError::Invalid(msg) | EncodeError::Struct(msg)) => {
+            error(env, PoolError::InvalidArgs(msg))
+        }
+        Err(EncodeError::OverBudget) => unreachable!("no budget"),
     }
 }
 

@@ -26,6 +26,9 @@ pub(crate) fn later(now: Instant, d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
+/// Start-ups that must fail in a row before callers are refused at once (see `cannot_serve`).
+pub(crate) const FAIL_FAST_AFTER: u32 = 2;
+
 impl<R> Core<R> {
     /// Claims a worker for `mode`. With `once`, the request is sent as soon as a worker is
     /// claimed and the lease ends with its reply (the execute fast path).
@@ -149,11 +152,16 @@ impl<R> Core<R> {
         }
     }
 
-    /// When nothing can serve (no worker up or starting, and a start backoff in force), callers
-    /// learn why at once instead of at their timeout.
+    /// When nothing can serve (no worker up or starting, and a start backoff in force after
+    /// start-ups failed [`FAIL_FAST_AFTER`] times in a row), callers learn why at once instead
+    /// of at their timeout. One failed start is not enough: a worker killed from outside while
+    /// it started says nothing about the next attempt, so callers wait for it.
     pub(crate) fn cannot_serve(&self, now: Instant) -> Option<PoolError> {
         let backoff = self.backoff_until.is_some_and(|u| u > now);
-        if !backoff || self.workers.values().any(|w| w.usable() || w.starting()) {
+        if !backoff
+            || self.start_failures_in_a_row < FAIL_FAST_AFTER
+            || self.workers.values().any(|w| w.usable() || w.starting())
+        {
             return None;
         }
         let why = self

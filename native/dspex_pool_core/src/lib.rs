@@ -21,6 +21,7 @@
 //! * [`effects`]: what transitions ask the outside to do;
 //! * [`session`]: what a session created, to re-create it elsewhere;
 //! * [`frame`]: encoding requests, decoding responses;
+//! * [`json`]: a JSON pull parser without recursion (frames here, terms in the NIF crate);
 //! * [`error`]: every error, as data.
 
 pub mod api;
@@ -29,6 +30,7 @@ mod deadlines;
 pub mod effects;
 pub mod error;
 pub mod frame;
+pub mod json;
 mod leases;
 pub mod queue;
 mod replies;
