@@ -262,6 +262,36 @@ defmodule DSPex.NativePoolStreamTest do
       assert outputs["answer"] == "the value is 42"
     end
 
+    test "tools registered for a session answer its calls; a call's :tools override them" do
+      opts = bridge_pool()
+      agent_lm("reg", "k", "done", opts)
+      :ok = NativePool.register_tools("reg", %{lookup: fn %{"key" => k} -> "registered #{k}" end})
+
+      execute = fn extra ->
+        {:ok, %{"outputs" => outputs}} =
+          NativePool.execute_in_session(
+            "reg",
+            :execute_program,
+            %{program_id: "agent", inputs: %{question: "q"}},
+            extra ++ opts
+          )
+
+        outputs["trajectory"]["observation_0"]
+      end
+
+      assert execute.([]) == "registered k"
+      assert execute.(tools: %{"lookup" => fn _ -> "per call" end}) == "per call"
+
+      assert_raise ArgumentError, ~r/got: /, fn ->
+        NativePool.register_tools("reg", %{"x" => 1})
+      end
+
+      # end_session/1 forgets them (and the session's programs).
+      :ok = NativePool.end_session("reg")
+      agent_lm("reg", "k", "done", opts)
+      assert execute.([]) =~ "no Elixir function for tool \"lookup\""
+    end
+
     test "the adapter's execute_program/3 takes :tools" do
       opts = bridge_pool()
       adapter = DSPex.Adapters.PythonPoolNative

@@ -45,8 +45,7 @@ defmodule DSPex.NativePool.Streaming do
         {[{:chunk, field, text}], %{state | lease: lease}}
 
       {^ref, {:event, lease, %{"event" => "tool_call"} = call}} ->
-        {tools, tool_timeout} = state.tools
-        Tools.handle(state.pool, lease, call, tools, tool_timeout)
+        Tools.handle(state.pool, lease, call, state.tools)
         {[], %{state | lease: lease}}
 
       {^ref, {:event, lease, _other}} ->

@@ -11,6 +11,7 @@ defmodule DSPex.NativePool.Tools do
   # flowing, and tools of different requests run at the same time. A caller that dies while a
   # tool runs takes the tool down (the pool cancels its request).
 
+  alias DSPex.NativePool.Registry
   alias DSPex.PythonBridge.NativePool
 
   @supervisor DSPex.NativePool.TaskSupervisor
@@ -40,12 +41,15 @@ defmodule DSPex.NativePool.Tools do
   @doc false
   # Answers one tool call of the request `lease` runs on `pool` (a `Server.fetch/1` map).
   # Returns at once.
-  def handle(pool, lease, %{"call_id" => call_id} = call, tools, timeout) do
+  # `context`: `{tools given with the call, :tool_timeout, session id or nil}`; the session's
+  # registered tools are looked up only here, when an agent calls one.
+  def handle(pool, lease, %{"call_id" => call_id} = call, {tools, timeout, session}) do
     name = Map.get(call, "name")
     args = Map.get(call, "args") || %{}
     caller = self()
+    tools = Map.merge(registered(session), tools || %{})
 
-    case Map.fetch(tools || %{}, name) do
+    case Map.fetch(tools, name) do
       {:ok, fun} ->
         {:ok, _} =
           Task.Supervisor.start_child(@supervisor, fn ->
@@ -55,7 +59,7 @@ defmodule DSPex.NativePool.Tools do
         :ok
 
       :error ->
-        known = tools |> Kernel.||(%{}) |> Map.keys() |> Enum.sort()
+        known = tools |> Map.keys() |> Enum.sort()
 
         answer(
           pool,
@@ -66,7 +70,16 @@ defmodule DSPex.NativePool.Tools do
     end
   end
 
-  def handle(_pool, _lease, _malformed, _tools, _timeout), do: :ok
+  def handle(_pool, _lease, _malformed, _context), do: :ok
+
+  defp registered(nil), do: %{}
+
+  defp registered(session) do
+    case :ets.lookup(Registry.session_tools(), session) do
+      [{_, tools}] -> tools
+      [] -> %{}
+    end
+  end
 
   defp run(pool, lease, call_id, name, fun, args, timeout, caller) do
     watch = Process.monitor(caller)

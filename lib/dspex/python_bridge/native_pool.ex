@@ -123,7 +123,9 @@ defmodule DSPex.PythonBridge.NativePool do
   dies while its tool runs takes the task down, and the pool cancels the request.
 
   `:tools` and `:tool_timeout` are taken by `execute_in_session/4`, `execute_anonymous/3`,
-  `call/4`, `execute_stream/4` and `DSPex.Adapters.PythonPoolNative.execute_program/3`.
+  `call/4`, `execute_stream/4` and `DSPex.Adapters.PythonPoolNative.execute_program/3`. Tools
+  can also be registered once per session with `register_tools/2`: they answer every later
+  call of the session (a call's `:tools` take precedence), until `end_session/1`.
 
   ## Intermediate events and control frames (protocol 2)
 
@@ -310,7 +312,14 @@ defmodule DSPex.PythonBridge.NativePool do
     retries = Keyword.get(opts, :retries, pool.retries)
     meta = %{pool: pool.name, command: command, mode: mode}
 
-    tools = tool_context(opts)
+    tools =
+      tool_context(
+        opts,
+        case mode do
+          :anonymous -> nil
+          session -> elem(session, 1)
+        end
+      )
 
     Telemetry.span(pool.telemetry?, :call, meta, fn ->
       pool
@@ -399,14 +408,16 @@ defmodule DSPex.PythonBridge.NativePool do
 
   # A tool call is always answered (with an error when no function was given for it), so an
   # agent never waits for a tool nobody runs; other events (chunks) are skipped here.
-  defp on_event(pool, lease, %{"event" => "tool_call"} = call, {tools, tool_timeout}),
-    do: Tools.handle(pool, lease, call, tools, tool_timeout)
+  defp on_event(pool, lease, %{"event" => "tool_call"} = call, tools),
+    do: Tools.handle(pool, lease, call, tools)
 
   defp on_event(_pool, _lease, _event, _tools), do: :ok
 
   @doc false
-  def tool_context(opts),
-    do: {Keyword.get(opts, :tools), Keyword.get(opts, :tool_timeout, Tools.default_timeout())}
+  def tool_context(opts, session_id) do
+    {Keyword.get(opts, :tools), Keyword.get(opts, :tool_timeout, Tools.default_timeout()),
+     session_id}
+  end
 
   @doc """
   Runs `command` (typically `:execute_program`) with `args` plus `stream: true`, and returns a
@@ -441,7 +452,14 @@ defmodule DSPex.PythonBridge.NativePool do
   def execute_stream(target, command, args, opts \\ []) do
     {into, opts} = pop_into!(opts)
     opts = call_options!(opts)
-    tools = tool_context(opts)
+
+    tools =
+      case target do
+        %Checkout{session_id: session_id} -> tool_context(opts, session_id)
+        :anonymous -> tool_context(opts, nil)
+        session_id -> tool_context(opts, with({:ok, id} <- session_id(session_id), do: id))
+      end
+
     start = fn -> start_stream(target, command, args, opts) end
 
     case into do
@@ -762,7 +780,7 @@ defmodule DSPex.PythonBridge.NativePool do
       ref = make_ref()
       wait = wait_ms(timeout, 0)
 
-      tools = tool_context(opts)
+      tools = tool_context(opts, checkout.session_id)
       pool = checkout.pool
 
       reply =
@@ -897,7 +915,27 @@ defmodule DSPex.PythonBridge.NativePool do
   def end_session(session_id) do
     with {:ok, session_id} <- session_id(session_id) do
       :ets.delete(Registry.sessions(), session_id)
+      :ets.delete(Registry.session_tools(), session_id)
       Enum.each(Registry.pools(), &Native.end_session(&1, session_id))
+    end
+  end
+
+  @doc """
+  Registers Elixir tools for a session: `tools` (a map of tool names to 1-arity functions, as
+  the `:tools` call option) answer the tool calls of the session's ReAct programs in every
+  later call, next to (and overridden by) the `:tools` a call gives. Replaces what the session
+  had registered; `end_session/1` forgets them. Raises `ArgumentError` for a bad map.
+
+      :ok = NativePool.register_tools("shop", %{"lookup" => &MyApp.Stock.lookup/1})
+  """
+  @spec register_tools(session_id(), %{optional(String.t() | atom()) => (map() -> term())}) ::
+          :ok | {:error, reason()}
+  def register_tools(session_id, tools) do
+    tools = Tools.validate!(tools)
+
+    with {:ok, session_id} <- session_id(session_id) do
+      :ets.insert(Registry.session_tools(), {session_id, tools})
+      :ok
     end
   end
 
