@@ -62,6 +62,10 @@ defmodule DSPex.Adapters.PythonPoolNative do
     * `:retries` - how many times a request runs again on another worker when its worker died
       mid-request (default: 1 for `execute_program`, `list_programs`, `get_program_info` and
       `get_stats`, 0 for the commands that change a session); an LM call may then be made twice
+    * `:tools`, `:tool_timeout` (`execute_program/3` only) - Elixir functions for the tools a
+      ReAct program declared (`create_program(%{program_type: "react", tools: [%{name:,
+      description:, args:}]})`), as `DSPex.PythonBridge.NativePool.execute_in_session/4` takes
+      them; with `:tools` the default `:retries` is 0, so a tool never runs twice
 
   `:pool_name` (V2's name for the pool, from `NativePool.get_pool_name_for/1`) and
   `:max_retries` are accepted as V2 passed them. Options may be a map or a keyword list. Every
@@ -104,6 +108,7 @@ defmodule DSPex.Adapters.PythonPoolNative do
   # died mid-request (typically a worker that crashed while idle, just before this request).
   @repeatable [:execute_program, :list_programs, :get_program_info, :get_stats]
   @adapter_keys [:session_id | @call_opts]
+  @tool_keys [:tools, :tool_timeout]
   @no_session "session_id is required in pool-worker mode"
 
   @type options :: map() | keyword()
@@ -151,10 +156,12 @@ defmodule DSPex.Adapters.PythonPoolNative do
       args = %{
         program_id: program_id,
         inputs: inputs,
-        options: Map.drop(options, @adapter_keys)
+        options: Map.drop(options, @adapter_keys ++ @tool_keys)
       }
 
-      case call(session_id, :execute_program, args, call_opts(options)) do
+      opts = tool_opts(options) ++ call_opts(options)
+
+      case call(session_id, :execute_program, args, opts) do
         {:ok, response} -> {:ok, response}
         {:error, reason} -> handle_pool_error(reason)
       end
@@ -471,6 +478,15 @@ defmodule DSPex.Adapters.PythonPoolNative do
       id -> {:ok, id}
     end
   end
+
+  # Elixir tools (execute_program/3): passed to the pool, never to Python; a request that
+  # runs them is not retried unless asked, since a tool may have run before its worker died.
+  defp tool_opts(%{tools: _} = options) do
+    retries = Map.get(options, :retries, Map.get(options, :max_retries, 0))
+    [{:retries, retries} | options |> Map.take(@tool_keys) |> Map.to_list()]
+  end
+
+  defp tool_opts(options), do: options |> Map.take(@tool_keys) |> Map.to_list()
 
   defp call_opts(options) do
     opts = Map.take(options, @call_opts)

@@ -12,6 +12,7 @@ defmodule DSPex.NativePool.Registry do
   alias DSPex.NativePool.Native
 
   @sessions :dspex_native_pool_sessions
+  @session_tools :dspex_native_pool_session_tools
 
   def start_link(_opts), do: GenServer.start_link(__MODULE__, :ok, name: __MODULE__)
 
@@ -19,6 +20,12 @@ defmodule DSPex.NativePool.Registry do
   def sessions do
     if :ets.whereis(@sessions) == :undefined, do: ensure_started()
     @sessions
+  end
+
+  @doc "The table of the Elixir tools registered per session (`NativePool.register_tools/2`)."
+  def session_tools do
+    if :ets.whereis(@session_tools) == :undefined, do: ensure_started()
+    @session_tools
   end
 
   @doc "Starts `:dspex_native_pool` (this process) when it is not running."
@@ -48,6 +55,8 @@ defmodule DSPex.NativePool.Registry do
       read_concurrency: true,
       write_concurrency: true
     ])
+
+    :ets.new(@session_tools, [:set, :public, :named_table, read_concurrency: true])
 
     # owners: pid => {monitor, names, resource}; names: name => pid
     {:ok, %{owners: %{}, names: %{}}}

@@ -80,11 +80,60 @@ defmodule DSPex.PythonBridge.NativePool do
   A `configure_lm` without a session (see `DSPex.Adapters.PythonPoolNative.configure_lm/1`)
   configures every worker, present and future.
 
+  ## Streaming and Elixir tools
+
+  `execute_stream/4` returns a `Stream` of an `execute_program`'s output fields as the LM writes
+  them, then its result (the bridge runs the program under `dspy.streamify`):
+
+      NativePool.execute_stream("chat", :execute_program, %{program_id: "qa", inputs: %{question: "Why?"}})
+      |> Enum.each(fn
+        {:chunk, field, text} -> IO.write(text)   # "reasoning" (ChainOfThought), then each output
+        {:done, result} -> IO.inspect(result["outputs"])
+        {:error, reason} -> IO.inspect(reason)
+      end)
+
+  Chunks arrive in order; joined per field they are the final outputs. Halting the stream
+  before `{:done, _}` writes a `cancel` for the request and waits (up to 5 s) for the worker's
+  `"cancelled"`, so nothing of it stays in the mailbox; a consumer that dies is a caller gone,
+  which the pool cancels itself. Either way the worker stays.
+
+  **A slow consumer.** The pool keeps no per-request buffer: each frame the worker writes is
+  read at once and sent to the caller's mailbox, and the worker's asyncio task is never
+  throttled (holding its frames back would hold back the LM's own stream, and the pipe, which
+  other requests of the worker share). The mailbox is the buffer, and it is bounded by the
+  answer itself: a request's chunks together are its output fields, which the LM's
+  `max_tokens` and the pool's `:max_frame_size` already bound, the same memory the final reply
+  takes. With `into: pid` the forwarder sends each element on at once, so the buffer is `pid`'s
+  mailbox, with the same bound.
+
+  A ReAct program created with tool declarations (`tools: [%{name: "lookup", description:
+  "...", args: %{key: "string"}}]`, next to built-in tools such as `"calculator"`) gets their
+  implementations per call:
+
+      NativePool.execute_in_session("shop", :execute_program, %{program_id: "clerk", inputs: %{question: "q"}},
+        tools: %{"lookup" => fn %{"key" => key} -> :ets.lookup(:stock, key) |> Map.new() end})
+
+  Each tool call of the request runs `fun.(args)` (string keys) in a task of the pool's task
+  supervisor, which monitors the caller; the caller's `receive` goes on meanwhile (chunks,
+  other tool calls, the reply), and tools of other requests run at the same time, on the same
+  worker or not. The function's value, as JSON, is the agent's observation. A raise, throw or
+  exit, a value JSON cannot carry, or a function still running after `:tool_timeout` (it is
+  killed) is sent as an error string the agent reads (`"Execution error in lookup: ..."`). A
+  tool call for a name the call gave no function for is answered the same way. A caller that
+  dies while its tool runs takes the task down, and the pool cancels the request.
+
+  `:tools` and `:tool_timeout` are taken by `execute_in_session/4`, `execute_anonymous/3`,
+  `call/4`, `execute_stream/4` and `DSPex.Adapters.PythonPoolNative.execute_program/3`. Tools
+  can also be registered once per session with `register_tools/2`: they answer every later
+  call of the session (a call's `:tools` take precedence), until `end_session/1`.
+
   ## Intermediate events and control frames (protocol 2)
 
   A request may get frames before its reply (`{"id": N, "event": ...}`, see
   `docs/protocol.md`): they reach the caller as `{ref, {:event, lease, map}}` messages, with
-  the `ref` of its reply, before `{ref, reply}`. The calls of this module skip them.
+  the `ref` of its reply, before `{ref, reply}`. The calls of this module answer tool calls
+  (see "Streaming and Elixir tools"), turn chunks into `execute_stream/4`'s elements, and skip
+  other events.
   `control/3` writes a control frame for the request `lease` has in flight (for example
   `%{control: "tool_result", call_id: 1, ok: true, result: 3}`; the pool adds the id). Underneath
   it, `DSPex.NativePool.Native.control(pool_resource, lease, map)` returns `:ok`,
@@ -130,7 +179,16 @@ defmodule DSPex.PythonBridge.NativePool do
   `got: ...` before anything is sent. Unknown call option keys are ignored, as SessionPoolV2 did.
   """
 
-  alias DSPex.NativePool.{Checkout, Native, Registry, Server, Structs, Telemetry}
+  alias DSPex.NativePool.{
+    Checkout,
+    Native,
+    Registry,
+    Server,
+    Streaming,
+    Structs,
+    Telemetry,
+    Tools
+  }
 
   @default_checkout_timeout 5_000
   @default_operation_timeout 30_000
@@ -210,6 +268,9 @@ defmodule DSPex.PythonBridge.NativePool do
     * `:retries` (or `:max_retries`) - how many times to run the request again, on another
       worker, when its worker died mid-request (the pool's `:retries`, default 0: use it only
       for commands that are safe to repeat, such as `execute_program`)
+    * `:tools` - a map of tool names (strings or atoms) to 1-arity functions: the Elixir
+      implementations of a ReAct program's declared tools (see "Streaming and Elixir tools")
+    * `:tool_timeout` - how long one tool call may run, ms (default: 30_000)
 
   Other keys are ignored, as SessionPoolV2 did. A bad option value raises `ArgumentError`
   (`got: ...`) before anything is sent. Bad data returns an error: a command that is not an
@@ -251,14 +312,23 @@ defmodule DSPex.PythonBridge.NativePool do
     retries = Keyword.get(opts, :retries, pool.retries)
     meta = %{pool: pool.name, command: command, mode: mode}
 
+    tools =
+      tool_context(
+        opts,
+        case mode do
+          :anonymous -> nil
+          session -> elem(session, 1)
+        end
+      )
+
     Telemetry.span(pool.telemetry?, :call, meta, fn ->
       pool
-      |> run(mode, command_name, args, pool_timeout, timeout, retries)
+      |> run(mode, command_name, args, pool_timeout, timeout, retries, tools)
       |> hint(pool)
     end)
   end
 
-  defp run(pool, mode, command, args, pool_timeout, timeout, retries) do
+  defp run(pool, mode, command, args, pool_timeout, timeout, retries, tools) do
     ref = make_ref()
     native_pool_timeout = native_ms(pool_timeout)
     native_timeout = native_ms(timeout)
@@ -278,8 +348,12 @@ defmodule DSPex.PythonBridge.NativePool do
         :ok ->
           receive do
             # An intermediate event (streaming, tool calls): the reply is still to come.
-            {^ref, {:event, _lease, _event}} -> await(ref, wait)
-            {^ref, reply} -> reply
+            {^ref, {:event, lease, event}} ->
+              on_event(pool, lease, event, tools)
+              await(ref, wait, pool, tools)
+
+            {^ref, reply} ->
+              reply
           after
             wait ->
               {:error,
@@ -291,7 +365,7 @@ defmodule DSPex.PythonBridge.NativePool do
           pool.resource
           |> Native.execute_dirty(ref, mode, command, args, native_pool_timeout, native_timeout)
           |> then(fn
-            :ok -> await(ref, wait)
+            :ok -> await(ref, wait, pool, tools)
             error -> error
           end)
 
@@ -304,10 +378,10 @@ defmodule DSPex.PythonBridge.NativePool do
       # The arguments hold structs: converted once (DateTime as ISO 8601...), then sent.
       :structs ->
         with {:ok, args} <- Structs.convert(args),
-             do: run(pool, mode, command, args, pool_timeout, timeout, retries)
+             do: run(pool, mode, command, args, pool_timeout, timeout, retries, tools)
 
       {:error, {tag, _}} when tag in [:worker_exited, :worker_unresponsive] and retries > 0 ->
-        run(pool, mode, command, args, pool_timeout, timeout, retries - 1)
+        run(pool, mode, command, args, pool_timeout, timeout, retries - 1, tools)
 
       reply ->
         reply
@@ -319,12 +393,174 @@ defmodule DSPex.PythonBridge.NativePool do
   defp with_session_id(args, session_id),
     do: args |> Map.delete("session_id") |> Map.put(:session_id, session_id)
 
-  defp await(ref, wait) do
+  defp await(ref, wait, pool, tools) do
     receive do
-      {^ref, {:event, _lease, _event}} -> await(ref, wait)
-      {^ref, reply} -> reply
+      {^ref, {:event, lease, event}} ->
+        on_event(pool, lease, event, tools)
+        await(ref, wait, pool, tools)
+
+      {^ref, reply} ->
+        reply
     after
       wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
+    end
+  end
+
+  # A tool call is always answered (with an error when no function was given for it), so an
+  # agent never waits for a tool nobody runs; other events (chunks) are skipped here.
+  defp on_event(pool, lease, %{"event" => "tool_call"} = call, tools),
+    do: Tools.handle(pool, lease, call, tools)
+
+  defp on_event(_pool, _lease, _event, _tools), do: :ok
+
+  @doc false
+  def tool_context(opts, session_id) do
+    {Keyword.get(opts, :tools), Keyword.get(opts, :tool_timeout, Tools.default_timeout()),
+     session_id}
+  end
+
+  @doc """
+  Runs `command` (typically `:execute_program`) with `args` plus `stream: true`, and returns a
+  `Stream` of what arrives: `{:chunk, field, text}` elements, in order, while the program
+  writes its output fields, then one `{:done, result}` (the reply `execute_in_session/4`
+  would have returned as `{:ok, result}`) or `{:error, reason}`.
+
+  `target` is a session id, `:anonymous`, or a `DSPex.NativePool.Checkout` (the request runs
+  on that worker). Options are `execute_in_session/4`'s, plus `:tools` and `:tool_timeout`
+  (see "Streaming and Elixir tools" in the moduledoc) and:
+
+    * `:into` - a pid: instead of a stream, returns `{:ok, ref}` at once and sends the
+      elements to `pid` as `{ref, element}` messages (from a process of the pool's task
+      supervisor, which cancels the request when `pid` exits)
+
+  The request is sent when the stream is first enumerated, by the process that enumerates
+  it. Halting the stream before `{:done, _}` (`Enum.take/2`, `Stream.take_while/2`, a raise)
+  cancels the request in Python; the worker stays and serves others. A consumer that exits
+  mid-stream cancels it too. Errors that prevent the request (a bad session id, no such pool)
+  are the stream's only element, `{:error, reason}`; bad options raise `ArgumentError` here.
+
+  A worker without protocol 2 (DSPex's own bridge) sends no chunks: the stream is then just
+  `{:done, result}`.
+  """
+  @spec execute_stream(
+          session_id() | :anonymous | Checkout.t(),
+          atom() | String.t(),
+          map(),
+          options()
+        ) ::
+          Enumerable.t() | {:ok, reference()}
+  def execute_stream(target, command, args, opts \\ []) do
+    {into, opts} = pop_into!(opts)
+    opts = call_options!(opts)
+
+    tools =
+      case target do
+        %Checkout{session_id: session_id} -> tool_context(opts, session_id)
+        :anonymous -> tool_context(opts, nil)
+        session_id -> tool_context(opts, with({:ok, id} <- session_id(session_id), do: id))
+      end
+
+    start = fn -> start_stream(target, command, args, opts) end
+
+    case into do
+      nil -> Streaming.stream(start, tools)
+      pid -> Streaming.into(start, tools, pid)
+    end
+  end
+
+  defp pop_into!(opts) when is_map(opts), do: opts |> Map.to_list() |> pop_into!()
+
+  defp pop_into!(opts) when is_list(opts) do
+    case Keyword.keyword?(opts) && Keyword.pop(opts, :into) do
+      {into, opts} when into == nil or is_pid(into) -> {into, opts}
+      {into, _} -> bad_option!(:into, into, "a pid")
+      false -> {nil, call_options!(opts)}
+    end
+  end
+
+  defp pop_into!(opts), do: {nil, call_options!(opts)}
+
+  defp start_stream(%Checkout{} = checkout, command, args, opts) do
+    timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
+
+    with {:ok, command} <- command(command),
+         {:ok, args} <- args_map(args) do
+      args = Map.put(args, :stream, true)
+      args = if checkout.session_id, do: with_session_id(args, checkout.session_id), else: args
+      ref = make_ref()
+
+      send_call = fn args ->
+        case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
+          :dirty -> Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout))
+          other -> other
+        end
+      end
+
+      with :ok <- with_structs(send_call, args),
+           do: {:ok, ref, checkout.pool, wait_ms(timeout, 0)}
+    end
+  end
+
+  defp start_stream(target, command, args, opts) do
+    with {:ok, mode, args} <- stream_mode(target, args, opts),
+         {:ok, command} <- command(command),
+         {:ok, args} <- args_map(args),
+         {:ok, pool} <- Server.fetch(opts[:pool]) do
+      pool_timeout = Keyword.get(opts, :pool_timeout, pool.checkout_timeout)
+      timeout = Keyword.get(opts, :timeout, pool.operation_timeout)
+      {native_pool_timeout, native_timeout} = {native_ms(pool_timeout), native_ms(timeout)}
+      args = Map.put(args, :stream, true)
+      ref = make_ref()
+      mode = if mode == :anonymous, do: :anonymous, else: session_mode(pool, mode, opts)
+
+      send_execute = fn args ->
+        case Native.execute(
+               pool.resource,
+               ref,
+               mode,
+               command,
+               args,
+               native_pool_timeout,
+               native_timeout
+             ) do
+          :dirty ->
+            Native.execute_dirty(
+              pool.resource,
+              ref,
+              mode,
+              command,
+              args,
+              native_pool_timeout,
+              native_timeout
+            )
+
+          other ->
+            other
+        end
+      end
+
+      case with_structs(send_execute, args) do
+        :ok -> {:ok, ref, pool, wait_ms(pool_timeout, timeout)}
+        {:error, reason} -> {:error, Server.with_hint(reason, pool)}
+      end
+    end
+  end
+
+  # Sends with `args` as they are, or once more with their structs converted (see run/8).
+  defp with_structs(send_fun, args) do
+    case send_fun.(args) do
+      :structs -> with {:ok, args} <- Structs.convert(args), do: send_fun.(args)
+      other -> other
+    end
+  end
+
+  defp stream_mode(:anonymous, args, _opts), do: {:ok, :anonymous, args}
+
+  defp stream_mode(session_id, args, _opts) do
+    with {:ok, session_id} <- session_id(session_id),
+         {:ok, args} <- args_map(args) do
+      touch_session(session_id)
+      {:ok, session_id, with_session_id(args, session_id)}
     end
   end
 
@@ -414,6 +650,14 @@ defmodule DSPex.PythonBridge.NativePool do
         if value in [:prefer, :strict],
           do: [{:affinity, value} | acc],
           else: bad_option!(:affinity, value, ":prefer or :strict")
+
+      {:tools, value}, acc ->
+        [{:tools, Tools.validate!(value)} | acc]
+
+      {:tool_timeout, value}, acc ->
+        if is_integer(value) and value > 0 and value <= @max_wait,
+          do: [{:tool_timeout, value} | acc],
+          else: bad_option!(:tool_timeout, value, "a positive time in ms")
 
       {key, value}, acc when key in [:retries, :max_retries] ->
         cond do
@@ -536,19 +780,26 @@ defmodule DSPex.PythonBridge.NativePool do
       ref = make_ref()
       wait = wait_ms(timeout, 0)
 
+      tools = tool_context(opts, checkout.session_id)
+      pool = checkout.pool
+
       reply =
         case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
           :ok ->
             receive do
-              {^ref, {:event, _lease, _event}} -> await(ref, wait)
-              {^ref, reply} -> reply
+              {^ref, {:event, lease, event}} ->
+                on_event(pool, lease, event, tools)
+                await(ref, wait, pool, tools)
+
+              {^ref, reply} ->
+                reply
             after
               wait -> {:error, {:timeout, "no reply within #{inspect(timeout)} ms"}}
             end
 
           :dirty ->
             case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
-              :ok -> await(ref, wait)
+              :ok -> await(ref, wait, pool, tools)
               other -> other
             end
 
@@ -558,7 +809,7 @@ defmodule DSPex.PythonBridge.NativePool do
         end
 
       case reply do
-        # As in run/7.
+        # As in run/8.
         :structs ->
           with {:ok, args} <- Structs.convert(args), do: call(checkout, command, args, opts)
 
@@ -590,7 +841,8 @@ defmodule DSPex.PythonBridge.NativePool do
       {:error,
        {:invalid_args, "expected a lease (a non-negative integer), got: #{inspect(lease)}"}}
 
-  defp control_frame(resource, lease, body) do
+  @doc false
+  def control_frame(resource, lease, body) do
     reply =
       case Native.control(resource, lease, body) do
         :dirty -> Native.control_dirty(resource, lease, body)
@@ -598,7 +850,7 @@ defmodule DSPex.PythonBridge.NativePool do
       end
 
     case reply do
-      # As in run/7.
+      # As in run/8.
       :structs ->
         with {:ok, body} <- Structs.convert(body), do: control_frame(resource, lease, body)
 
@@ -663,7 +915,27 @@ defmodule DSPex.PythonBridge.NativePool do
   def end_session(session_id) do
     with {:ok, session_id} <- session_id(session_id) do
       :ets.delete(Registry.sessions(), session_id)
+      :ets.delete(Registry.session_tools(), session_id)
       Enum.each(Registry.pools(), &Native.end_session(&1, session_id))
+    end
+  end
+
+  @doc """
+  Registers Elixir tools for a session: `tools` (a map of tool names to 1-arity functions, as
+  the `:tools` call option) answer the tool calls of the session's ReAct programs in every
+  later call, next to (and overridden by) the `:tools` a call gives. Replaces what the session
+  had registered; `end_session/1` forgets them. Raises `ArgumentError` for a bad map.
+
+      :ok = NativePool.register_tools("shop", %{"lookup" => &MyApp.Stock.lookup/1})
+  """
+  @spec register_tools(session_id(), %{optional(String.t() | atom()) => (map() -> term())}) ::
+          :ok | {:error, reason()}
+  def register_tools(session_id, tools) do
+    tools = Tools.validate!(tools)
+
+    with {:ok, session_id} <- session_id(session_id) do
+      :ets.insert(Registry.session_tools(), {session_id, tools})
+      :ok
     end
   end
 

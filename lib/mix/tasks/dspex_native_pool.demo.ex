@@ -69,6 +69,8 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     killed = receive(do: ({:killed, pid} -> pid), after: (0 -> nil))
     await_full_pool(pool_size, 60_000)
     report(results, elapsed_us, sessions, killed)
+    # Issue 12: a streamed answer and an agent with an Elixir tool.
+    DSPex.NativePool.StreamingDemo.run()
   end
 
   defp start_pool(pool_size) do
