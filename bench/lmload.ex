@@ -1,17 +1,20 @@
 defmodule DSPexBench.LMLoad do
   @moduledoc false
-  # Scenario 9 (issue 10): N concurrent sessions, each one create_program + one execute_program
-  # (Predict) whose LM call goes over HTTP to priv/python/lm_server.py answering after
+  # Scenario 9 (issue 10): N concurrent sessions, each one execute_program of a Predict program
+  # it created beforehand (untimed), whose LM call goes over HTTP to priv/python/lm_server.py answering after
   # L = 0.5 s, on pool_size 4. Three ways in the same run, against the same DSPy bridge:
   #
   #   :p2      NativePool, protocol 2 with the worker's announced concurrency (64 per worker)
   #   :serial  NativePool with `worker_concurrency: 1` (one request at a time per worker)
+  #   :wide    NativePool, protocol 2 with the bridge announcing 256 (DSPY_BRIDGE_CONCURRENCY),
+  #            run at cfg.lm_wide_ns only: is the wall time bound by the slots or by the CPU?
   #   :v2      the V2 pattern (DSPexBench.V2Pool): protocol 1, one request at a time per worker,
-  #            a session's create + execute in one checkout (V2 has no session affinity, so
-  #            the program must be on the worker that runs it)
+  #            a session's create + execute in one timed checkout (V2 has no session
+  #            affinity, so the program must be on the worker that runs it; create costs ~1 ms
+  #            next to the 500 ms LM call)
   #
   # Per row: wall time from the first session's start to the last one's reply, calls/s
-  # (execute_program calls), p50/p99 of a session's latency (create + execute), the LM
+  # (execute_program calls), p50/p99 of a session's latency, the LM
   # server's peak of concurrent requests, and the workers' memory right after the run (sum of
   # RSS, sum of PSS from smaps_rollup, plus the fork server's PSS for NativePool). The
   # one-at-a-time paths run only up to cfg.lm_serial_max sessions (their time grows as
@@ -38,6 +41,7 @@ defmodule DSPexBench.LMLoad do
         rows =
           for {mode, ns} <- [
                 p2: cfg.lm_ns,
+                wide: cfg.lm_wide_ns,
                 serial: Enum.filter(cfg.lm_ns, &(&1 <= cfg.lm_serial_max)),
                 v2: Enum.filter(cfg.lm_ns, &(&1 <= cfg.lm_serial_max))
               ],
@@ -77,7 +81,14 @@ defmodule DSPexBench.LMLoad do
 
   defp start(mode, python) do
     extra = [start_timeout: 180_000, start_method: :fork_server]
-    extra = if mode == :serial, do: [worker_concurrency: 1] ++ extra, else: extra
+
+    extra =
+      case mode do
+        :serial -> [worker_concurrency: 1] ++ extra
+        :wide -> [env: [{"DSPY_BRIDGE_CONCURRENCY", "256"}]] ++ extra
+        :p2 -> extra
+      end
+
     Impls.start(:native, @pool_size, python, Env.dspy_script(), extra)
   end
 
@@ -121,6 +132,8 @@ defmodule DSPexBench.LMLoad do
     run = System.unique_integer([:positive])
     sessions = for i <- 1..n, do: "s9_#{mode}_#{run}_#{i}"
     parent = self()
+    :ok = prepare(h, sessions)
+    cpu0 = worker_cpu_s(h)
     t0 = Stats.now()
 
     tasks =
@@ -143,6 +156,7 @@ defmodule DSPexBench.LMLoad do
     wall_s = Stats.native_to_us(t_last - t0) / 1_000_000
     errors = Enum.reject(done, &match?({_, _, {:ok, _}}, &1))
     lat = done |> Enum.map(&elem(&1, 1)) |> Stats.summarize()
+    cpu_s = worker_cpu_s(h) - cpu0
     mem = memory(h)
     stats = with({:ok, s} <- LMServer.stats(server), do: s, else: (_ -> %{}))
     cleanup(h, sessions)
@@ -152,6 +166,7 @@ defmodule DSPexBench.LMLoad do
       n: n,
       wall_s: wall_s,
       calls_per_s: n / wall_s,
+      worker_cpu_s: cpu_s,
       lat_us: lat,
       errors: length(errors),
       first_error: with([{_, _, e} | _] <- errors, do: e, else: (_ -> nil)),
@@ -161,23 +176,37 @@ defmodule DSPexBench.LMLoad do
     |> Map.merge(mem)
   end
 
-  defp session({:native, name, _}, sid) do
-    opts = [pool: name, timeout: 300_000]
+  # Untimed, NativePool only: each session creates its program (on its home worker). The V2
+  # pattern has no home worker, so it creates the program in the timed checkout that runs it.
+  defp prepare({:native, name, _}, sessions) do
+    sessions
+    |> Task.async_stream(
+      fn sid ->
+        {:ok, _} =
+          NativePool.execute_in_session(
+            sid,
+            :create_program,
+            %{id: "p", signature: @signature, program_type: "predict"},
+            pool: name,
+            timeout: 300_000
+          )
+      end,
+      max_concurrency: 64,
+      timeout: :infinity
+    )
+    |> Stream.run()
+  end
 
-    with {:ok, _} <-
-           NativePool.execute_in_session(
-             sid,
-             :create_program,
-             %{id: "p", signature: @signature, program_type: "predict"},
-             opts
-           ) do
-      NativePool.execute_in_session(
-        sid,
-        :execute_program,
-        %{program_id: "p", inputs: %{question: "question of #{sid}"}},
-        opts
-      )
-    end
+  defp prepare({:v2, _}, _sessions), do: :ok
+
+  defp session({:native, name, _}, sid) do
+    NativePool.execute_in_session(
+      sid,
+      :execute_program,
+      %{program_id: "p", inputs: %{question: "question of #{sid}"}},
+      pool: name,
+      timeout: 300_000
+    )
   end
 
   defp session({:v2, pool}, sid) do
@@ -221,8 +250,35 @@ defmodule DSPexBench.LMLoad do
     )
   end
 
-  defp memory({:native, name, _}) do
-    pids = NativePool.get_pool_status(pool: name).worker_pids
+  defp worker_pids({:native, name, _}), do: NativePool.get_pool_status(pool: name).worker_pids
+
+  defp worker_pids({:v2, pool}) do
+    :sys.get_state(pool).ports
+    |> Enum.map(&Port.info(&1, :os_pid))
+    |> Enum.flat_map(fn
+      {:os_pid, pid} -> [pid]
+      _ -> []
+    end)
+  end
+
+  # utime + stime of the workers (/proc/PID/stat fields 14 and 15, in clock ticks of 1/100 s).
+  defp worker_cpu_s(h) do
+    h
+    |> worker_pids()
+    |> Enum.map(fn pid ->
+      with {:ok, text} <- File.read("/proc/#{pid}/stat"),
+           [_, rest] <- String.split(text, ") ", parts: 2),
+           fields <- String.split(rest, " ") do
+        (String.to_integer(Enum.at(fields, 11)) + String.to_integer(Enum.at(fields, 12))) / 100
+      else
+        _ -> 0
+      end
+    end)
+    |> Enum.sum()
+  end
+
+  defp memory({:native, _, _} = h) do
+    pids = worker_pids(h)
     server = pids |> hd() |> Env.ppid()
 
     %{
@@ -233,14 +289,8 @@ defmodule DSPexBench.LMLoad do
     }
   end
 
-  defp memory({:v2, pool}) do
-    pids =
-      :sys.get_state(pool).ports
-      |> Enum.map(&Port.info(&1, :os_pid))
-      |> Enum.flat_map(fn
-        {:os_pid, pid} -> [pid]
-        _ -> []
-      end)
+  defp memory({:v2, _} = h) do
+    pids = worker_pids(h)
 
     %{
       workers: length(pids),

@@ -290,6 +290,7 @@ defmodule DSPexBench.Report do
     label = %{
       p2: "NativePool, protocol 2 (64/worker)",
       serial: "NativePool, `worker_concurrency: 1`",
+      wide: "NativePool, protocol 2 (256/worker)",
       v2: "V2 pattern (one at a time)"
     }
 
@@ -303,6 +304,7 @@ defmodule DSPexBench.Report do
           x.lat_us.p50 / 1000,
           x.lat_us.p99 / 1000,
           x.peak_in_flight,
+          x.worker_cpu_s,
           x.rss_kib / 1024,
           (x.pss_kib + x.fork_server_pss_kib) / 1024,
           x.errors
@@ -328,6 +330,7 @@ defmodule DSPexBench.Report do
           "–",
           "–",
           "–",
+          "–",
           "–"
         ]
       end
@@ -340,9 +343,9 @@ defmodule DSPexBench.Report do
     """
     ### 9. #{title(9)}
 
-    Each of N sessions, all started at once, runs `create_program` (Predict) then one `execute_program` whose LM call goes DSPy -> LiteLLM -> HTTP to `priv/python/lm_server.py` (#{r.latency_s} s a request, no jitter, DSPy's cache off), on #{r.pool_size} `dspy_bridge.py` workers; all three paths in the same run. Wall time: first session started to last reply; calls/s: sessions (= `execute_program` calls) per second of it; latency: one session's create + execute. LM peak: the most requests the LM server had at once. Memory right after the run: VmRSS summed over the workers, and PSS (smaps_rollup) summed over the workers plus the fork server for NativePool (shared pages counted once). Rows marked extrapolated were not run: N / the calls/s measured at the largest N that was (the one-at-a-time bound is N / #{r.pool_size} x #{r.latency_s} s).
+    Each of N sessions, all started at once, runs one `execute_program` of a Predict program it created beforehand (untimed; the V2 pattern, which has no session affinity, creates it in the same checkout, ~1 ms) whose LM call goes DSPy -> LiteLLM -> HTTP to `priv/python/lm_server.py` (#{r.latency_s} s a request, no jitter, DSPy's cache off), on #{r.pool_size} `dspy_bridge.py` workers; all three paths in the same run. Wall time: first session started to last reply; calls/s: sessions (= `execute_program` calls) per second of it; latency: one session's call. LM peak: the most requests the LM server had at once; worker CPU: utime + stime of the workers during the row. Memory right after the run: VmRSS summed over the workers, and PSS (smaps_rollup) summed over the workers plus the fork server for NativePool (shared pages counted once). Rows marked extrapolated were not run: N / the calls/s measured at the largest N that was (the one-at-a-time bound is N / #{r.pool_size} x #{r.latency_s} s).
 
-    #{Fmt.table(["path", "sessions", "wall s", "calls/s", "p50 ms", "p99 ms", "LM peak at once", "RSS sum MiB", "PSS total MiB", "errors"], measured ++ extrapolated)}
+    #{Fmt.table(["path", "sessions", "wall s", "calls/s", "p50 ms", "p99 ms", "LM peak at once", "worker CPU s", "RSS sum MiB", "PSS total MiB", "errors"], measured ++ extrapolated)}
     #{errs}
     """
   end

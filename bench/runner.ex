@@ -52,6 +52,7 @@ defmodule DSPexBench.Runner do
       s8_kills: pick.(3, 10),
       # Scenario 9: sessions at once, LM latency (s), the largest N run one at a time.
       lm_ns: pick.([50, 200], [50, 200, 1_000]),
+      lm_wide_ns: pick.([200], [1_000]),
       lm_latency_s: 0.5,
       lm_serial_max: 200
     }
