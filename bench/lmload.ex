@@ -60,20 +60,28 @@ defmodule DSPexBench.LMLoad do
     h = start(mode, python)
 
     try do
+      # Warm-up, dropped: a worker's first LM call imports LiteLLM (the fork server does not).
+      with_server(h, python, cfg, &row(h, mode, 4 * @pool_size, &1))
+
       for n <- ns do
         Monitor.phase({:s9, mode, n})
         log("  #{mode}: #{n} sessions")
-        {:ok, server} = LMServer.start(latency: cfg.lm_latency_s, python: python)
-
-        try do
-          :ok = configure(h, LMServer.lm_config(server) |> Map.put(:cache, false))
-          row(h, mode, n, server)
-        after
-          LMServer.stop(server)
-        end
+        with_server(h, python, cfg, &row(h, mode, n, &1))
       end
     after
       Impls.stop(h)
+    end
+  end
+
+  # A fresh LM server per row, so its peak counts that row only.
+  defp with_server(h, python, cfg, fun) do
+    {:ok, server} = LMServer.start(latency: cfg.lm_latency_s, python: python)
+
+    try do
+      :ok = configure(h, LMServer.lm_config(server) |> Map.put(:cache, false))
+      fun.(server)
+    after
+      LMServer.stop(server)
     end
   end
 
