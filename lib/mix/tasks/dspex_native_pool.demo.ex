@@ -132,7 +132,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
       end
 
     [
-      {"requests in flight at once (pool peak)", peak},
+      {"requests in flight at once (pool peak, sampled)", peak},
       {"  per worker (peak / #{pool_size} workers)", Float.round(peak / pool_size, 1)}
     ] ++ lm_rows
   end
