@@ -15,6 +15,7 @@ defmodule DSPexBench.Report do
   def title(6), do: "DSPy workers: start-up, RSS, Predict executions/s"
   def title(7), do: "term <-> JSON conversion and 1 MiB payloads (extra)"
   def title(8), do: "DSPy workers: fork server vs spawn (start, replacement, PSS)"
+  def title(9), do: "N concurrent DSPy sessions on an HTTP LM answering after 0.5 s, pool_size 4"
 
   # ---- sections -----------------------------------------------------------------------------
 
@@ -285,6 +286,70 @@ defmodule DSPexBench.Report do
     """
   end
 
+  def section(9, r, _cfg) do
+    label = %{
+      p2: "NativePool, protocol 2 (64/worker)",
+      serial: "NativePool, `worker_concurrency: 1`",
+      wide: "NativePool, protocol 2 (256/worker)",
+      v2: "V2 pattern (one at a time)"
+    }
+
+    measured =
+      Enum.map(r.rows, fn x ->
+        [
+          label[x.mode],
+          x.n,
+          x.wall_s,
+          x.calls_per_s,
+          x.lat_us.p50 / 1000,
+          x.lat_us.p99 / 1000,
+          x.peak_in_flight,
+          x.worker_cpu_s,
+          x.rss_kib / 1024,
+          (x.pss_kib + x.fork_server_pss_kib) / 1024,
+          x.errors
+        ]
+      end)
+
+    # One-at-a-time paths at N beyond what was run: wall time grows linearly at the
+    # throughput measured at the largest N that was run.
+    extrapolated =
+      for mode <- [:serial, :v2],
+          rows = Enum.filter(r.rows, &(&1.mode == mode)),
+          rows != [],
+          last = Enum.max_by(rows, & &1.n),
+          n <- r.ns,
+          n > last.n do
+        [
+          "#{label[mode]} **(extrapolated)**",
+          n,
+          n / last.calls_per_s,
+          last.calls_per_s,
+          "–",
+          "–",
+          "–",
+          "–",
+          "–",
+          "–",
+          "–"
+        ]
+      end
+
+    errs =
+      for x <- r.rows,
+          x.first_error,
+          do: "- #{label[x.mode]}, N=#{x.n}: first error `#{inspect(x.first_error)}`\n"
+
+    """
+    ### 9. #{title(9)}
+
+    Each of N sessions, all started at once, runs one `execute_program` of a Predict program it created beforehand (untimed; the V2 pattern, which has no session affinity, creates it in the same checkout, ~1 ms) whose LM call goes DSPy -> LiteLLM -> HTTP to `priv/python/lm_server.py` (#{r.latency_s} s a request, no jitter, DSPy's cache off, a fresh server per row), on #{r.pool_size} `dspy_bridge.py` workers, after a dropped warm-up row of #{4 * r.pool_size} sessions (a worker's first LM call imports LiteLLM); all three paths in the same run. Wall time: first session started to last reply; calls/s: sessions (= `execute_program` calls) per second of it; latency: one session's call. LM peak: the most requests the LM server had at once; worker CPU: utime + stime of the workers during the row. Memory right after the run: VmRSS summed over the workers, and PSS (smaps_rollup) summed over the workers plus the fork server for NativePool (shared pages counted once). Rows marked extrapolated were not run: N / the calls/s measured at the largest N that was (the one-at-a-time bound is N / #{r.pool_size} x #{r.latency_s} s).
+
+    #{Fmt.table(["path", "sessions", "wall s", "calls/s", "p50 ms", "p99 ms", "LM peak at once", "worker CPU s", "RSS sum MiB", "PSS total MiB", "errors"], measured ++ extrapolated)}
+    #{errs}
+    """
+  end
+
   def section(7, r, _cfg) do
     conv =
       Enum.map(r.conversion, fn c ->
@@ -489,7 +554,8 @@ defmodule DSPexBench.Report do
       Enum.reject(
         [t_ping(results[1])] ++
           List.wrap(t_best(results[2])) ++
-          [t_ceiling(results[2]), t_checkout(results[4]), t_sched(monitor)],
+          [t_ceiling(results[2]), t_checkout(results[4]), t_sched(monitor)] ++
+          t_lm(results[9]),
         &is_nil/1
       )
 
@@ -499,6 +565,39 @@ defmodule DSPexBench.Report do
     #{Fmt.table(["target", "measured", "verdict"], rows)}
     """
   end
+
+  defp t_lm(%{rows: rows}) do
+    p2 = rows |> Enum.filter(&(&1.mode == :p2)) |> Enum.max_by(& &1.n, fn -> nil end)
+    serial = rows |> Enum.filter(&(&1.mode == :serial)) |> Enum.max_by(& &1.n, fn -> nil end)
+
+    if p2 do
+      mem = fn x -> (x.pss_kib + x.fork_server_pss_kib) / 1024 end
+
+      [
+        [
+          "#{p2.n} concurrent sessions at L = 0.5 s, 4 workers: <= 3 s (1,000 sessions)",
+          "#{Fmt.num(p2.wall_s)} s, #{p2.errors} errors",
+          ok(p2.n >= 1_000 and p2.wall_s <= 3 and p2.errors == 0)
+        ]
+      ] ++
+        if serial do
+          [
+            [
+              "memory with #{p2.n} sessions in flight: 4 workers' worth (less than 5 one-at-a-time workers)",
+              "PSS #{Fmt.num(mem.(p2))} MiB vs #{Fmt.num(mem.(serial))} MiB one at a time " <>
+                "(#{serial.n} sessions), #{Fmt.ratio(mem.(p2) / mem.(serial))}",
+              ok(mem.(p2) < 1.25 * mem.(serial))
+            ]
+          ]
+        else
+          []
+        end
+    else
+      []
+    end
+  end
+
+  defp t_lm(_), do: []
 
   defp ok(true), do: "**met**"
   defp ok(false), do: "**missed**"

@@ -5,11 +5,11 @@ defmodule DSPexBench.Runner do
 
   alias DSPexBench.{Codec, Env, Impls, Monitor, Placement, Report, Scenarios}
 
-  @all [1, 2, 3, 4, 5, 6, 7, 8]
+  @all [1, 2, 3, 4, 5, 6, 7, 8, 9]
   # Scenarios left out of the long-schedule pass by default (every other selected one is re-run
-  # there with the --quick settings): 6 and 8, as starting DSPy workers takes minutes and runs
-  # the same NIFs as the others.
-  @sched_skip [6, 8]
+  # there with the --quick settings): 6, 8 and 9, as starting DSPy workers takes minutes and
+  # runs the same NIFs as the others.
+  @sched_skip [6, 8, 9]
 
   def config(opts) do
     quick = Keyword.get(opts, :quick, false)
@@ -49,7 +49,12 @@ defmodule DSPexBench.Runner do
       dspy_exec_size: pick.(4, 8),
       dspy_exec_ms: pick.(2_000, 5_000),
       s7_big_iters: pick.(10, 40),
-      s8_kills: pick.(3, 10)
+      s8_kills: pick.(3, 10),
+      # Scenario 9: sessions at once, LM latency (s), the largest N run one at a time.
+      lm_ns: pick.([50, 200], [50, 200, 1_000]),
+      lm_wide_ns: pick.([200], [1_000]),
+      lm_latency_s: 0.5,
+      lm_serial_max: 200
     }
   end
 
@@ -196,6 +201,7 @@ defmodule DSPexBench.Runner do
         6 -> &Scenarios.s6_dspy/1
         7 -> &Scenarios.s7_payload/1
         8 -> &Scenarios.s8_start_method/1
+        9 -> &DSPexBench.LMLoad.s9/1
       end
 
     try do

@@ -14,7 +14,10 @@ defmodule Mix.Tasks.DspexNativePool.Bench do
   client concurrency; 3 32 x 50 ms sleeps on 8 workers; 4 checkout + checkin; 5 10,000
   processes queued on a pool of 2 (order, scheduler responsiveness); 6 DSPy workers (start-up,
   RSS, Predict executions/s; skipped with a note when `dspy_bridge.py` or dspy is unavailable);
-  7 term/JSON conversion and 1 MiB payloads. The framing micro-benchmark
+  7 term/JSON conversion and 1 MiB payloads; 8 DSPy start methods; 9 N concurrent DSPy
+  sessions (50, 200, 1,000) x 1 `execute_program` against the local HTTP LM server answering
+  after 0.5 s, pool_size 4: protocol 2 vs one request at a time per worker vs the V2 pattern
+  (wall time, calls/s, p50/p99, Python memory). The framing micro-benchmark
   (`cargo bench --bench framing`) runs at the end unless `--no-cargo`.
 
   No instrumentation runs during a timed pass. Long schedules (`system_monitor` and a
@@ -32,7 +35,7 @@ defmodule Mix.Tasks.DspexNativePool.Bench do
     * `--no-cargo` - skip the Rust framing benchmark
     * `--placements normal,pinned,busy` - the placements of scenario 1 (default: all three)
     * `--sched 1,2,5` - the scenarios of the long-schedule pass (default: those selected, but
-      6); `--sched none` skips the pass
+      6, 8 and 9); `--sched none` skips the pass
     * `--wait-quiet SECONDS` - before each scenario, wait up to this long for other processes
       to use under 5% of the machine (default: 5 with `--quick`, else 120; 0 disables). The
       report says how much CPU other processes used during each part either way.
@@ -59,7 +62,7 @@ defmodule Mix.Tasks.DspexNativePool.Bench do
     child_out: :string
   ]
 
-  @bench_files ~w(support json codec baselines impls placement scenarios report runner)
+  @bench_files ~w(support json codec baselines impls placement scenarios lmload report runner)
 
   @impl Mix.Task
   def run(args) do

@@ -6,13 +6,19 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
   what happened.
 
       mix dspex_native_pool.demo [--sessions 48] [--programs 2] [--executions 5] [--pool-size 4]
+                                 [--latency-ms 500] [--offline]
 
-  It runs offline on DSPy's dummy LM unless an API key is in the environment:
+  Offline by default: the LM is the project's OpenAI-compatible HTTP server
+  (`priv/python/lm_server.py`, started by the demo and stopped at its end), answering every call
+  after `--latency-ms` ± 40% (300-700 ms by default, like a hosted model), so every call takes
+  the real path DSPy -> LiteLLM -> HTTP and each worker has many of them in flight at once.
+  With an API key in the environment the demo uses the real provider instead:
   `OPENAI_API_KEY` (model `openai/gpt-4o-mini`) or `GEMINI_API_KEY` (`gemini/gemini-2.0-flash`);
-  `--offline` forces the dummy LM.
+  `--offline` ignores the keys.
   """
   use Mix.Task
 
+  alias DSPex.NativePool.LMServer
   alias DSPex.PythonBridge.NativePool
 
   @switches [
@@ -20,6 +26,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     programs: :integer,
     executions: :integer,
     pool_size: :integer,
+    latency_ms: :integer,
     offline: :boolean
   ]
 
@@ -34,7 +41,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     programs = Keyword.get(opts, :programs, 2)
     executions = Keyword.get(opts, :executions, 5)
     pool_size = Keyword.get(opts, :pool_size, 4)
-    lm = lm_config(opts[:offline])
+    {lm, lm_server} = lm_setup(opts)
 
     say("Starting #{pool_size} DSPy workers (#{lm_label(lm)})...")
     {start_us, {:ok, _}} = :timer.tc(fn -> start_pool(pool_size) end)
@@ -43,7 +50,9 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
       "  ready in #{ms(start_us)} ms: OS pids #{inspect(NativePool.get_pool_status().worker_pids)}"
     )
 
-    {:ok, _} = NativePool.execute_anonymous(:configure_lm, lm, timeout: 60_000)
+    {:ok, _} =
+      NativePool.execute_anonymous(:configure_lm, Map.delete(lm, :latency_s), timeout: 60_000)
+
     say("LM configured once, for every worker present and future.")
 
     total = sessions * programs * (1 + executions)
@@ -55,6 +64,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     parent = self()
     killer = spawn_link(fn -> kill_one_worker_midway(parent, div(total, 2)) end)
     counter = :counters.new(1, [])
+    sampler = spawn_link(fn -> sample_in_flight(0) end)
 
     {elapsed_us, results} =
       :timer.tc(fn ->
@@ -67,10 +77,66 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
       end)
 
     killed = receive(do: ({:killed, pid} -> pid), after: (0 -> nil))
+    peak = peak_in_flight(sampler)
     await_full_pool(pool_size, 60_000)
-    report(results, elapsed_us, sessions, killed)
+    report(results, elapsed_us, sessions, killed, concurrency_rows(peak, pool_size, lm_server))
+    if lm_server, do: LMServer.stop(lm_server)
     # Issue 12: a streamed answer and an agent with an Elixir tool.
     DSPex.NativePool.StreamingDemo.run()
+  end
+
+  # The LM: a real provider when a key is set (and not --offline), else the local HTTP server.
+  defp lm_setup(opts) do
+    case lm_config(opts[:offline]) do
+      %{provider: "local"} ->
+        latency = Keyword.get(opts, :latency_ms, 500) / 1000
+        {:ok, server} = LMServer.start(latency: latency, jitter: latency * 0.4)
+        # No disk cache: every run asks the server, as a first run against a provider does.
+        lm = server |> LMServer.lm_config() |> Map.merge(%{cache: false, latency_s: latency})
+        {lm, server}
+
+      lm ->
+        {lm, nil}
+    end
+  end
+
+  # Samples the pool's requests in flight (all workers) until asked for the peak.
+  defp sample_in_flight(peak) do
+    receive do
+      {:peak, from} -> send(from, {:peak, peak})
+    after
+      20 ->
+        in_flight =
+          try do
+            NativePool.get_pool_status().in_flight
+          rescue
+            _ -> 0
+          end
+
+        sample_in_flight(max(peak, in_flight))
+    end
+  end
+
+  defp peak_in_flight(sampler) do
+    send(sampler, {:peak, self()})
+    receive(do: ({:peak, peak} -> peak))
+  end
+
+  defp concurrency_rows(peak, pool_size, server) do
+    lm_rows =
+      with %LMServer{} <- server, {:ok, stats} <- LMServer.stats(server) do
+        [
+          {"LM requests served (HTTP)", stats["served"]},
+          {"LM requests at once (server peak)", stats["peak_in_flight"]}
+        ]
+      else
+        _ -> []
+      end
+
+    [
+      {"requests in flight at once (pool peak, sampled)", peak},
+      {"  per worker (peak / #{pool_size} workers)", Float.round(peak / pool_size, 1)}
+    ] ++ lm_rows
   end
 
   defp start_pool(pool_size) do
@@ -151,7 +217,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     end
   end
 
-  defp report(results, elapsed_us, sessions, killed) do
+  defp report(results, elapsed_us, sessions, killed, extra_rows) do
     latencies = results |> Enum.map(&elem(&1, 0)) |> Enum.sort()
     errors = Enum.reject(results, &match?({_, {:ok, _}}, &1))
     calls = length(results)
@@ -160,18 +226,19 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     say("")
     if killed, do: say("Killed worker OS pid #{killed} with SIGKILL halfway through.")
 
-    rows = [
-      {"sessions", sessions},
-      {"calls", calls},
-      {"errors", length(errors)},
-      {"calls/s", Float.round(calls / (elapsed_us / 1_000_000), 1)},
-      {"p50 latency (ms)", ms(percentile(latencies, 0.50))},
-      {"p99 latency (ms)", ms(percentile(latencies, 0.99))},
-      {"wall time (s)", Float.round(elapsed_us / 1_000_000, 2)},
-      {"sessions re-created on another worker", status.counters.restores},
-      {"workers replaced", status.counters.recycled},
-      {"workers ready now", "#{status.ready}/#{status.pool_size}"}
-    ]
+    rows =
+      [
+        {"sessions", sessions},
+        {"calls", calls},
+        {"errors", length(errors)},
+        {"calls/s", Float.round(calls / (elapsed_us / 1_000_000), 1)},
+        {"p50 latency (ms)", ms(percentile(latencies, 0.50))},
+        {"p99 latency (ms)", ms(percentile(latencies, 0.99))},
+        {"wall time (s)", Float.round(elapsed_us / 1_000_000, 2)},
+        {"sessions re-created on another worker", status.counters.restores},
+        {"workers replaced", status.counters.recycled},
+        {"workers ready now", "#{status.ready}/#{status.pool_size}"}
+      ] ++ extra_rows
 
     width = rows |> Enum.map(&String.length(elem(&1, 0))) |> Enum.max()
     say(String.duplicate("-", width + 14))
@@ -189,7 +256,7 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
 
   defp ms(us), do: Float.round(us / 1000, 2)
 
-  defp lm_config(true), do: %{provider: "dummy", model: "demo"}
+  defp lm_config(true), do: %{provider: "local"}
 
   defp lm_config(_) do
     cond do
@@ -204,7 +271,10 @@ defmodule Mix.Tasks.DspexNativePool.Demo do
     end
   end
 
-  defp lm_label(%{provider: "dummy"}), do: "offline dummy LM"
+  defp lm_label(%{latency_s: s, api_base: base}),
+    do:
+      "offline: local OpenAI-compatible LM server at #{base}, #{round(s * 1000)} ms ± 40% a call"
+
   defp lm_label(%{provider: p, model: m}), do: "#{p}/#{m}"
 
   defp say(line), do: Mix.shell().info(line)
