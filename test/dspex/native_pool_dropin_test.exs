@@ -134,6 +134,23 @@ defmodule DSPex.PythonBridge.NativePoolDropInTest do
       end
 
       assert_raise ArgumentError, ~r/keyword list, got: %{}/, fn -> NativePool.start_link(%{}) end
+
+      # Values past what the pool holds (32 bits) and environments the OS cannot take are bad
+      # options too, refused before anything starts.
+      for {key, value} <- [
+            max_frame_size: Integer.pow(2, 64),
+            heartbeat_timeout: Integer.pow(10, 30),
+            start_timeout: Integer.pow(2, 32),
+            overflow_idle_timeout: Integer.pow(10, 30),
+            env: [{"A", <<255>>}],
+            env: [{"A\0", "c"}],
+            env: [{"A=B", "c"}],
+            env: [{"", "c"}]
+          ] do
+        assert_raise ArgumentError, ~r/expected #{inspect(key)} .*got: /, fn ->
+          NativePool.start_link([{key, value}, name: unique_name(), script: test_worker()])
+        end
+      end
     end
 
     test "an enhanced worker_module gets affinity stats in :session_affinity" do
@@ -394,7 +411,7 @@ defmodule DSPex.PythonBridge.NativePoolDropInTest do
     end
 
     test "session ids that are not a UTF-8 string, an atom or an integer", %{opts: opts} do
-      for id <- [self(), <<255>>, "", nil, {:a}, 1.5] do
+      for id <- [self(), <<255>>, "", :"", nil, {:a}, 1.5] do
         assert {:error, {:invalid_session_id, detail}} =
                  NativePool.execute_in_session(id, :ping, %{}, opts)
 

@@ -361,6 +361,11 @@ defmodule DSPex.NativePoolStreamTest do
       assert_received {:tool_running, tool}
       refute Process.alive?(tool)
 
+      # A tool killed by an exit signal (its own, or a linked process's) is answered too,
+      # instead of leaving the request to its timeout.
+      killed = run.("x", %{"lookup" => fn _ -> Process.exit(self(), :kill) end}, timeout: 10_000)
+      assert killed =~ "exited"
+
       assert run.("m", %{}, []) =~ "no Elixir function for tool \"lookup\""
       assert in_flight(opts) == 0
     end

@@ -164,8 +164,10 @@ defmodule DSPex.NativePool.Server do
     end
   end
 
-  defp pos_int?(v), do: is_integer(v) and v > 0
-  defp non_neg_int?(v), do: is_integer(v) and v >= 0
+  # Every count, size and time is held in 32 bits past here (a `receive` timeout, a frame's
+  # length header): larger values are bad options, not a failure later.
+  defp pos_int?(v), do: is_integer(v) and v > 0 and v <= @max_timeout
+  defp non_neg_int?(v), do: is_integer(v) and v >= 0 and v <= @max_timeout
   defp string?(v), do: is_binary(v) and v != ""
   defp strings?(v), do: is_list(v) and Enum.all?(v, &is_binary/1)
 
@@ -173,8 +175,16 @@ defmodule DSPex.NativePool.Server do
   # A timeout in ms: what `receive ... after` takes, or :infinity.
   def timeout?(v), do: v == :infinity or (is_integer(v) and v >= 0 and v <= @max_timeout)
 
-  defp env?(v),
-    do: is_list(v) and Enum.all?(v, &match?({k, val} when is_binary(k) and is_binary(val), &1))
+  # Names and values the OS takes: UTF-8 (the NIF reads them as strings), no NUL, no `=` in a
+  # name.
+  defp env?(v), do: is_list(v) and Enum.all?(v, &env_pair?/1)
+
+  defp env_pair?({k, val}) when is_binary(k) and is_binary(val) do
+    k != "" and String.valid?(k) and String.valid?(val) and not String.contains?(k, ["=", <<0>>]) and
+      not String.contains?(val, <<0>>)
+  end
+
+  defp env_pair?(_), do: false
 
   # Each worker holds descriptors of the BEAM's: a pool larger than the process may open
   # would exhaust them (and with them code loading, sockets and files of the whole VM).

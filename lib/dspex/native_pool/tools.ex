@@ -83,21 +83,27 @@ defmodule DSPex.NativePool.Tools do
 
   defp run(pool, lease, call_id, name, fun, args, timeout, caller) do
     watch = Process.monitor(caller)
-    task = Task.async(fn -> apply_tool(fun, args) end)
+    runner = self()
+    # Not linked: a tool killed by an exit signal (its own or a linked process's) must still be
+    # answered, so its death is seen through the monitor, not by dying with it.
+    {pid, ref} = spawn_monitor(fn -> send(runner, {self(), apply_tool(fun, args)}) end)
 
     outcome =
       receive do
-        {ref, outcome} when ref == task.ref ->
-          Process.demonitor(task.ref, [:flush])
+        {^pid, outcome} ->
+          Process.demonitor(ref, [:flush])
           outcome
+
+        {:DOWN, ^ref, :process, _, reason} ->
+          {:error, "the Elixir tool #{name} exited: #{Exception.format_exit(reason)}"}
 
         {:DOWN, ^watch, :process, _, _} ->
           # The caller is gone: the pool cancels its request; nobody wants the answer.
-          Task.shutdown(task, :brutal_kill)
+          Process.exit(pid, :kill)
           exit(:normal)
       after
         timeout ->
-          Task.shutdown(task, :brutal_kill)
+          Process.exit(pid, :kill)
           {:error, "the Elixir tool #{name} timed out after #{timeout} ms"}
       end
 

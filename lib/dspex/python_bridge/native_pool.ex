@@ -614,14 +614,14 @@ defmodule DSPex.PythonBridge.NativePool do
     if String.valid?(id), do: {:ok, id}, else: invalid_session_id(id)
   end
 
-  def session_id(id) when is_atom(id) and id != nil, do: {:ok, Atom.to_string(id)}
+  def session_id(id) when is_atom(id) and id not in [nil, :""], do: {:ok, Atom.to_string(id)}
   def session_id(id) when is_integer(id), do: {:ok, Integer.to_string(id)}
   def session_id(id), do: invalid_session_id(id)
 
   defp invalid_session_id(id) do
     {:error,
      {:invalid_session_id,
-      "expected a session id to be a non-empty UTF-8 string, an atom or an integer, got: #{inspect(id)}"}}
+      "expected a session id to be a non-empty UTF-8 string, a non-empty atom or an integer, got: #{inspect(id)}"}}
   end
 
   # Call options: a keyword list or a map (SessionPoolV2 took both); values checked before
