@@ -187,24 +187,4 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
     assert_receive {^port, {:exit_status, _}}, 10_000
     eventually(fn -> Enum.all?(all, &(not alive?(&1))) end)
   end
-
-  defp ppid(os_pid) do
-    File.read!("/proc/#{os_pid}/stat") |> String.split(" ") |> Enum.at(3) |> String.to_integer()
-  end
-
-  defp await_ready(port) do
-    receive do
-      {^port, {:data, {:eol, "READY " <> rest}}} ->
-        [beam, pids] = String.split(rest, " ")
-        {beam, pids |> String.split(",") |> Enum.map(&String.to_integer/1)}
-
-      {^port, {:data, _other}} ->
-        await_ready(port)
-
-      {^port, {:exit_status, status}} ->
-        flunk("the child VM exited with #{status}")
-    after
-      30_000 -> flunk("the child VM did not start its pool")
-    end
-  end
 end

@@ -102,10 +102,6 @@ defmodule DSPex.PythonBridge.StartMethodTest do
 
   defp ping(opts), do: {:ok, _} = NativePool.execute_anonymous(:ping, %{}, opts)
 
-  defp ppid(os_pid) do
-    File.read!("/proc/#{os_pid}/stat") |> String.split(" ") |> Enum.at(3) |> String.to_integer()
-  end
-
   # The fork servers the VM runs for `script`.
   defp fork_servers(script) do
     beam = String.to_integer(System.pid())
@@ -426,22 +422,6 @@ defmodule DSPex.PythonBridge.StartMethodTest do
     System.cmd("kill", ["-9", beam])
     assert_receive {^port, {:exit_status, _}}, 10_000
     eventually(fn -> Enum.all?(all, &(not alive?(&1))) end)
-  end
-
-  defp await_ready(port) do
-    receive do
-      {^port, {:data, {:eol, "READY " <> rest}}} ->
-        [beam, pids] = String.split(rest, " ")
-        {beam, pids |> String.split(",") |> Enum.map(&String.to_integer/1)}
-
-      {^port, {:data, _other}} ->
-        await_ready(port)
-
-      {^port, {:exit_status, status}} ->
-        flunk("the child VM exited with #{status}")
-    after
-      60_000 -> flunk("the child VM did not start its pool")
-    end
   end
 
   # Runs `command` on the worker with OS pid `pid` (checking workers out until it comes).

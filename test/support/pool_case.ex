@@ -60,4 +60,29 @@ defmodule DSPex.NativePool.PoolCase do
       _ -> true
     end
   end
+
+  @doc "The parent pid of an OS process."
+  def ppid(os_pid) do
+    File.read!("/proc/#{os_pid}/stat") |> String.split(" ") |> Enum.at(3) |> String.to_integer()
+  end
+
+  @doc """
+  Waits for a child VM (a port with `:exit_status`, line mode) to print `READY beam pids` once
+  its pool is up; returns `{beam_os_pid, worker_os_pids}`.
+  """
+  def await_ready(port) do
+    receive do
+      {^port, {:data, {:eol, "READY " <> rest}}} ->
+        [beam, pids] = String.split(rest, " ")
+        {beam, pids |> String.split(",") |> Enum.map(&String.to_integer/1)}
+
+      {^port, {:data, _other}} ->
+        await_ready(port)
+
+      {^port, {:exit_status, status}} ->
+        ExUnit.Assertions.flunk("the child VM exited with #{status}")
+    after
+      60_000 -> ExUnit.Assertions.flunk("the child VM did not start its pool")
+    end
+  end
 end

@@ -472,28 +472,19 @@ impl<R> Core<R> {
     }
 
     pub(crate) fn set_alarm(&mut self, wid: WorkerId, at: Option<Instant>) {
-        let Some(w) = self.workers.get_mut(&wid) else {
-            return;
-        };
-        if let Some(old) = w.alarm.take() {
-            self.timers.disarm(old, Timer::Worker(wid));
-        }
-        if let Some(at) = at {
-            w.alarm = Some(at);
-            self.timers.arm(at, Timer::Worker(wid));
+        if let Some(w) = self.workers.get_mut(&wid) {
+            rearm(&mut self.timers, &mut w.alarm, Timer::Worker(wid), at);
         }
     }
 
     pub(crate) fn set_heartbeat(&mut self, wid: WorkerId, at: Option<Instant>) {
-        let Some(w) = self.workers.get_mut(&wid) else {
-            return;
-        };
-        if let Some(old) = w.heartbeat.take() {
-            self.timers.disarm(old, Timer::Heartbeat(wid));
-        }
-        if let Some(at) = at {
-            w.heartbeat = Some(at);
-            self.timers.arm(at, Timer::Heartbeat(wid));
+        if let Some(w) = self.workers.get_mut(&wid) {
+            rearm(
+                &mut self.timers,
+                &mut w.heartbeat,
+                Timer::Heartbeat(wid),
+                at,
+            );
         }
     }
 
@@ -595,5 +586,16 @@ impl Worker {
             .values()
             .filter(|p| !matches!(p.kind, PendingKind::Caller { .. }))
             .count()
+    }
+}
+
+/// Moves the deadline kept in `slot` (and armed as `timer`) to `at`, or disarms it.
+fn rearm(timers: &mut Timers, slot: &mut Option<Instant>, timer: Timer, at: Option<Instant>) {
+    if let Some(old) = slot.take() {
+        timers.disarm(old, timer);
+    }
+    if let Some(at) = at {
+        *slot = Some(at);
+        timers.arm(at, timer);
     }
 }
