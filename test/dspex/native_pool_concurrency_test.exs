@@ -198,7 +198,7 @@ defmodule DSPex.NativePoolConcurrencyTest do
 
   describe "a worker that announces nothing" do
     test "is driven one request at a time, as before" do
-      opts = start_pool(pool_size: 1, worker_concurrency: 8)
+      opts = start_pool(pool_size: 1, max_overflow: 0, worker_concurrency: 8)
       assert %{capacity: 1} = status(opts)
 
       results = concurrently(3, fn _ -> NativePool.execute_anonymous(:sleep, %{ms: 50}, opts) end)
