@@ -203,8 +203,17 @@ defmodule DSPex.PythonBridge.StartMethodTest do
 
         [pid, survivor] = status(opts).worker_pids
         System.cmd("kill", ["-9", to_string(pid)])
-        eventually(fn -> status(opts).ready == 2 and pid not in status(opts).worker_pids end)
-        [new] = status(opts).worker_pids -- [survivor]
+
+        new =
+          eventually(fn ->
+            st = status(opts)
+
+            case st.worker_pids -- [pid, survivor] do
+              [new] when st.ready == 2 -> new
+              _ -> nil
+            end
+          end)
+
         {:ok, %{"worker_id" => survivor_id}} = call_on(opts, survivor, :ping)
         assert {:ok, %{"env" => "yes", "worker_id" => new_id}} = call_on(opts, new, :ping)
         assert new_id not in worker_ids and new_id != survivor_id
