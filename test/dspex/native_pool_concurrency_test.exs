@@ -116,7 +116,7 @@ defmodule DSPex.NativePoolConcurrencyTest do
       opts = start_pool(pool_size: 1, env: @v2)
       %{resource: resource} = :persistent_term.get({NativePool, opts[:pool]})
       ref = make_ref()
-      :ok = Native.execute(resource, ref, :anonymous, "chunks", %{n: 2}, 5_000, 5_000)
+      :ok = Native.execute(resource, ref, :anonymous, "chunks", %{n: 2}, 5_000, 5_000, false)
 
       assert_receive {^ref, {:event, _lease, %{"event" => "chunk", "text" => "chunk 0 "}}}, 5_000
       assert_receive {^ref, {:event, _lease, %{"event" => "chunk", "text" => "chunk 1 "}}}, 5_000
@@ -126,7 +126,7 @@ defmodule DSPex.NativePoolConcurrencyTest do
       assert {:ok, %{"chunks" => 3}} = NativePool.execute_anonymous(:chunks, %{n: 3}, opts)
 
       ref = make_ref()
-      :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "add"}, 5_000, 5_000)
+      :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "add"}, 5_000, 5_000, false)
 
       assert_receive {^ref,
                       {:event, lease, %{"event" => "tool_call", "call_id" => 1, "name" => "add"}}},
@@ -148,7 +148,7 @@ defmodule DSPex.NativePoolConcurrencyTest do
       # The dirty variant (for a body too large to encode on a normal scheduler: `control/3`
       # then returns :dirty) does the same.
       ref = make_ref()
-      :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "big"}, 5_000, 5_000)
+      :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "big"}, 5_000, 5_000, false)
       assert_receive {^ref, {:event, lease, %{"event" => "tool_call"}}}, 5_000
 
       big = %{
@@ -169,7 +169,10 @@ defmodule DSPex.NativePoolConcurrencyTest do
 
       tool_call = fn ->
         ref = make_ref()
-        :ok = Native.execute(resource, ref, :anonymous, "tool", %{name: "add"}, 5_000, 5_000)
+
+        :ok =
+          Native.execute(resource, ref, :anonymous, "tool", %{name: "add"}, 5_000, 5_000, false)
+
         assert_receive {^ref, {:event, lease, %{"event" => "tool_call"}}}, 5_000
         {ref, lease}
       end

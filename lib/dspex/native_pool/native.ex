@@ -12,15 +12,23 @@ defmodule DSPex.NativePool.Native do
   def pool_start(_config), do: :erlang.nif_error(:nif_not_loaded)
   def pool_stop(_pool), do: :erlang.nif_error(:nif_not_loaded)
 
-  def execute(_pool, _ref, _mode, _command, _args, _pool_timeout, _timeout),
+  # `reads`: the caller handles `{ref, {:"$dspex_readable", worker, lease}}` with read/3.
+  def execute(_pool, _ref, _mode, _command, _args, _pool_timeout, _timeout, _reads),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def execute_dirty(_pool, _ref, _mode, _command, _args, _pool_timeout, _timeout),
+  def execute_dirty(_pool, _ref, _mode, _command, _args, _pool_timeout, _timeout, _reads),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def checkout(_pool, _ref, _mode, _pool_timeout), do: :erlang.nif_error(:nif_not_loaded)
-  def call(_lease, _ref, _command, _args, _timeout), do: :erlang.nif_error(:nif_not_loaded)
-  def call_dirty(_lease, _ref, _command, _args, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+
+  def call(_lease, _ref, _command, _args, _timeout, _reads),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def call_dirty(_lease, _ref, _command, _args, _timeout, _reads),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def read(_pool, _worker, _lease), do: :erlang.nif_error(:nif_not_loaded)
+  def drain(_pool, _worker), do: :erlang.nif_error(:nif_not_loaded)
   def control(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
   def control_dirty(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
   def checkin(_lease), do: :erlang.nif_error(:nif_not_loaded)

@@ -491,6 +491,12 @@ defmodule DSPex.NativePool.Server do
     Telemetry.worker_event(event, worker, Map.put(meta, :pool, state.pool.name))
   end
 
+  # A worker's stdout is readable and no caller reads it (start-up, several requests in
+  # flight on one worker, an idle worker writing garbage): read it, replies go to callers.
+  defp handle_native({:"$dspex_readable", worker}, state) do
+    Native.drain(state.pool.resource, worker)
+  end
+
   defp handle_native(_other, _state), do: :ok
 
   @impl true
@@ -515,11 +521,21 @@ defmodule DSPex.NativePool.Server do
   # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
   defp stop_pool(state) do
     Native.pool_stop(state.pool.resource)
+    deadline = System.monotonic_time(:millisecond) + state.shutdown_grace * 2 + 1_000
+    await_stopped(state, deadline)
+  end
 
+  # Workers still answer while they stop (a reply in flight, the shutdown): read on.
+  defp await_stopped(state, deadline) do
     receive do
-      {:dspex_native_pool_event, :stopped} -> :ok
+      {:dspex_native_pool_event, :stopped} ->
+        :ok
+
+      {:"$dspex_readable", _worker} = readable ->
+        handle_native(readable, state)
+        await_stopped(state, deadline)
     after
-      state.shutdown_grace * 2 + 1_000 -> :ok
+      max(deadline - System.monotonic_time(:millisecond), 0) -> :ok
     end
   end
 end

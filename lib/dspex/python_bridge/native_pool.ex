@@ -342,11 +342,16 @@ defmodule DSPex.PythonBridge.NativePool do
              command,
              args,
              native_pool_timeout,
-             native_timeout
+             native_timeout,
+             true
            ) do
         # The receive stays here, next to make_ref/0, so the VM skips older messages.
         :ok ->
           receive do
+            # The worker's reply is readable: this process reads it (no other thread first).
+            {^ref, {:"$dspex_readable", worker, lease}} ->
+              read_reply(pool, ref, worker, lease, wait, tools)
+
             # An intermediate event (streaming, tool calls): the reply is still to come.
             {^ref, {:event, lease, event}} ->
               on_event(pool, lease, event, tools)
@@ -363,7 +368,15 @@ defmodule DSPex.PythonBridge.NativePool do
         # Arguments too large to encode on a normal scheduler: a dirty one does it.
         :dirty ->
           pool.resource
-          |> Native.execute_dirty(ref, mode, command, args, native_pool_timeout, native_timeout)
+          |> Native.execute_dirty(
+            ref,
+            mode,
+            command,
+            args,
+            native_pool_timeout,
+            native_timeout,
+            true
+          )
           |> then(fn
             :ok -> await(ref, wait, pool, tools)
             error -> error
@@ -395,6 +408,9 @@ defmodule DSPex.PythonBridge.NativePool do
 
   defp await(ref, wait, pool, tools) do
     receive do
+      {^ref, {:"$dspex_readable", worker, lease}} ->
+        read_reply(pool, ref, worker, lease, wait, tools)
+
       {^ref, {:event, lease, event}} ->
         on_event(pool, lease, event, tools)
         await(ref, wait, pool, tools)
@@ -403,6 +419,15 @@ defmodule DSPex.PythonBridge.NativePool do
         reply
     after
       wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
+    end
+  end
+
+  # Reads the worker's stdout in this process: the reply, or `:wait` (it comes later, or
+  # events came first and are in the mailbox).
+  defp read_reply(pool, ref, worker, lease, wait, tools) do
+    case Native.read(pool.resource, worker, lease) do
+      :wait -> await(ref, wait, pool, tools)
+      reply -> reply
     end
   end
 
@@ -490,9 +515,13 @@ defmodule DSPex.PythonBridge.NativePool do
       ref = make_ref()
 
       send_call = fn args ->
-        case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
-          :dirty -> Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout))
-          other -> other
+        # A stream's consumer may pause between elements: the pool reads for it (false).
+        case Native.call(checkout.lease, ref, command, args, native_ms(timeout), false) do
+          :dirty ->
+            Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout), false)
+
+          other ->
+            other
         end
       end
 
@@ -521,7 +550,8 @@ defmodule DSPex.PythonBridge.NativePool do
                command,
                args,
                native_pool_timeout,
-               native_timeout
+               native_timeout,
+               false
              ) do
           :dirty ->
             Native.execute_dirty(
@@ -531,7 +561,8 @@ defmodule DSPex.PythonBridge.NativePool do
               command,
               args,
               native_pool_timeout,
-              native_timeout
+              native_timeout,
+              false
             )
 
           other ->
@@ -784,9 +815,12 @@ defmodule DSPex.PythonBridge.NativePool do
       pool = checkout.pool
 
       reply =
-        case Native.call(checkout.lease, ref, command, args, native_ms(timeout)) do
+        case Native.call(checkout.lease, ref, command, args, native_ms(timeout), true) do
           :ok ->
             receive do
+              {^ref, {:"$dspex_readable", worker, lease}} ->
+                read_reply(pool, ref, worker, lease, wait, tools)
+
               {^ref, {:event, lease, event}} ->
                 on_event(pool, lease, event, tools)
                 await(ref, wait, pool, tools)
@@ -798,7 +832,7 @@ defmodule DSPex.PythonBridge.NativePool do
             end
 
           :dirty ->
-            case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout)) do
+            case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout), true) do
               :ok -> await(ref, wait, pool, tools)
               other -> other
             end

@@ -85,7 +85,7 @@ impl Spawner for FakeSpawner {
         Ok(Spawned {
             pid: None,
             stdin: stdin_tx,
-            stdout: Box::new(stdout_rx),
+            stdout: crate::worker::Stdout::Stream(Box::new(stdout_rx)),
             stderr: None,
             exit: Box::pin(async move { exit_rx.await.unwrap_or(ExitInfo::Unknown) }),
             signal: Box::new(move |sig| {

@@ -18,6 +18,7 @@ mod pool_defect_tests;
 #[cfg(test)]
 mod pool_tests;
 pub mod protocol;
+pub mod reader;
 pub mod runtime;
 pub mod term;
 pub mod worker;
@@ -25,6 +26,8 @@ pub mod zygote;
 
 // The BEAM side is left out of test builds: test binaries run without a BEAM, and with it out
 // nothing references the `enif_*` symbols only the BEAM provides, so they link as they are.
+#[cfg(not(test))]
+mod beam_poll;
 #[cfg(not(test))]
 mod checkout;
 #[cfg(not(test))]

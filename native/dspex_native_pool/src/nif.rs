@@ -9,9 +9,11 @@ use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, Resou
 
 use std::sync::Arc;
 
+use crate::beam_poll::{in_nif, BeamPoller, BeamWatch};
 use crate::checkout::{CheckoutHandle, Shared, LIVE};
 use crate::error::{PoolError, Reason};
 use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
+use crate::reader::Watch;
 use crate::term::EncodeError;
 use crate::worker::PythonSpawner;
 
@@ -22,14 +24,13 @@ mod atoms {
         pool_size, max_overflow, ready, busy, starting, overflow, queued_callers, native_sessions, open_leases,
         last_start_error, counters, worker_pids, requests, errors, timeouts, pool_timeouts,
         recycled, worker_starts, start_failures, restores, pid, start_ms, reason,
-        dirty, structs, event, in_flight, capacity, cancelled,
+        dirty, structs, event, in_flight, capacity, cancelled, wait,
     }
 }
 
 pub fn load(env: Env, _info: Term) -> bool {
-    let _ = env;
     crate::runtime::handle();
-    true
+    crate::beam_poll::load(env)
 }
 
 pub struct PoolResource {
@@ -49,6 +50,21 @@ fn off_scheduler(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// What a caller receives for a delivery: `:ok`, `{:ok, term}` or `{:error, reason}`.
+fn payload<'a>(env: Env<'a>, delivery: &Delivery) -> Term<'a> {
+    match delivery {
+        Delivery::Assigned => atoms::ok().encode(env),
+        Delivery::Reply(Ok(json)) => match crate::term::json_to_term(env, json) {
+            Ok(term) => (atoms::ok(), term).encode(env),
+            Err(e) => {
+                let e = PoolError::Decode(e.to_string());
+                (atoms::error(), Reason(&e)).encode(env)
+            }
+        },
+        Delivery::Reply(Err(e)) => (atoms::error(), Reason(e)).encode(env),
+    }
+}
+
 /// Where a caller waits: its pid and the reference its `receive` matches.
 ///
 /// A sink dropped without delivering (the pool went away with the request) still answers,
@@ -57,38 +73,31 @@ struct BeamReply {
     to: Option<(LocalPid, OwnedEnv, SavedTerm)>,
     /// The lease the request belongs to: intermediate events name it, for `control/3`.
     lease: u64,
+    /// The caller's `receive` handles `{ref, {:"$dspex_readable", worker, lease}}` by calling
+    /// `read/3`: the worker's stdout may be armed for it.
+    reads: bool,
 }
 
 impl BeamReply {
-    fn new(env: Env, reference: Term, lease: u64) -> BeamReply {
+    fn new(env: Env, reference: Term, lease: u64, reads: bool) -> BeamReply {
         let owned = OwnedEnv::new();
         let saved = owned.save(reference);
         BeamReply {
             to: Some((env.pid(), owned, saved)),
             lease,
+            reads,
         }
     }
 
     fn send(&mut self, delivery: Delivery) {
-        let Some((pid, mut env, reference)) = self.to.take() else {
+        let Some((pid, env, reference)) = self.to.take() else {
             return;
         };
-        off_scheduler(move || {
-            let _ = env.send_and_clear(&pid, |env| {
-                let r = reference.load(env);
-                let payload = match &delivery {
-                    Delivery::Assigned => atoms::ok().encode(env),
-                    Delivery::Reply(Ok(json)) => match crate::term::json_to_term(env, json) {
-                        Ok(term) => (atoms::ok(), term).encode(env),
-                        Err(e) => {
-                            let e = PoolError::Decode(e.to_string());
-                            (atoms::error(), Reason(&e)).encode(env)
-                        }
-                    },
-                    Delivery::Reply(Err(e)) => (atoms::error(), Reason(e)).encode(env),
-                };
-                (r, payload)
-            });
+        let Some(delivery) = crate::beam_poll::capture(&pid, self.lease, delivery) else {
+            return;
+        };
+        crate::beam_poll::send(env, pid, self.lease, move |env| {
+            (reference.load(env), payload(env, &delivery)).encode(env)
         });
     }
 }
@@ -109,23 +118,40 @@ impl ReplySink for BeamReply {
         let reference = env.run(|e| saved.load(e).to_binary().as_slice().to_vec());
         let (pid, lease) = (*pid, self.lease);
         Some(Box::new(move || {
-            off_scheduler(move || {
-                let _ = OwnedEnv::new().send_and_clear(&pid, |env| {
-                    let r = match env.binary_to_term(&reference) {
-                        Some((r, _)) => r,
-                        None => atoms::nil().encode(env),
-                    };
-                    let payload = match crate::term::json_to_term(env, &body) {
-                        Ok(map) => (atoms::event(), lease, map).encode(env),
-                        Err(e) => {
-                            let e = PoolError::Decode(e.to_string());
-                            (atoms::event(), lease, (atoms::error(), Reason(&e))).encode(env)
-                        }
-                    };
-                    (r, payload)
-                });
+            crate::beam_poll::send(OwnedEnv::new(), pid, lease, move |env| {
+                let r = match env.binary_to_term(&reference) {
+                    Some((r, _)) => r,
+                    None => atoms::nil().encode(env),
+                };
+                let payload = match crate::term::json_to_term(env, &body) {
+                    Ok(map) => (atoms::event(), lease, map).encode(env),
+                    Err(e) => {
+                        let e = PoolError::Decode(e.to_string());
+                        (atoms::event(), lease, (atoms::error(), Reason(&e))).encode(env)
+                    }
+                };
+                (r, payload).encode(env)
             });
         }))
+    }
+
+    fn reads_itself(&self) -> bool {
+        self.reads && self.to.is_some()
+    }
+
+    fn arm(&self, watch: &dyn Watch, worker: u64) -> bool {
+        let Some((pid, env, saved)) = &self.to else {
+            return false;
+        };
+        let Some(watch) = watch.as_any().downcast_ref::<BeamWatch>() else {
+            return false;
+        };
+        let msg_env = OwnedEnv::new();
+        msg_env.run(|e| {
+            let reference = env.run(|own| saved.load(own).in_env(e));
+            let msg = crate::beam_poll::readable(e, reference, worker, self.lease);
+            watch.select(pid, e, msg)
+        })
     }
 }
 
@@ -246,7 +272,13 @@ fn pool_start(env: Env, config: Config) -> Term {
         owner: env.pid(),
         logs: crate::logs::for_owner(env.pid()),
     };
-    let pool = Pool::start(pool_config, Box::new(spawner), Box::new(events));
+    let poller = BeamPoller { owner: env.pid() };
+    let pool = Pool::start_polled(
+        pool_config,
+        Box::new(spawner),
+        Box::new(events),
+        Some(Box::new(poller)),
+    );
     ResourceArc::new(PoolResource {
         shared: Shared::new(pool, config.max_frame_size),
     })
@@ -368,18 +400,16 @@ fn execute<'a>(
     arguments: Term<'a>,
     pool_timeout: u64,
     timeout: u64,
+    reads: bool,
 ) -> NifResult<Term<'a>> {
-    execute_impl(
-        env,
-        pool,
+    let request = Call {
         reference,
-        mode,
         command,
         arguments,
-        pool_timeout,
         timeout,
-        Scheduler::Normal,
-    )
+        reads,
+    };
+    execute_impl(env, pool, mode, request, pool_timeout, Scheduler::Normal)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -393,35 +423,39 @@ fn execute_dirty<'a>(
     arguments: Term<'a>,
     pool_timeout: u64,
     timeout: u64,
+    reads: bool,
 ) -> NifResult<Term<'a>> {
-    execute_impl(
-        env,
-        pool,
+    let request = Call {
         reference,
-        mode,
         command,
         arguments,
-        pool_timeout,
         timeout,
-        Scheduler::Dirty,
-    )
+        reads,
+    };
+    execute_impl(env, pool, mode, request, pool_timeout, Scheduler::Dirty)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A request's arguments as the NIF got them.
+struct Call<'a> {
+    reference: Term<'a>,
+    command: Term<'a>,
+    arguments: Term<'a>,
+    timeout: u64,
+    /// The caller reads its worker's replies itself (see `read/3`).
+    reads: bool,
+}
+
 fn execute_impl<'a>(
     env: Env<'a>,
     pool: ResourceArc<PoolResource>,
-    reference: Term<'a>,
     mode: Term<'a>,
-    command: Term<'a>,
-    arguments: Term<'a>,
+    call: Call<'a>,
     pool_timeout: u64,
-    timeout: u64,
     on: Scheduler,
 ) -> NifResult<Term<'a>> {
     let mode = decode_mode(mode)?;
-    let command = decode_command(command)?;
-    let args = match encode_args(arguments, &command, pool.shared.max_frame_size, on) {
+    let command = decode_command(call.command)?;
+    let args = match encode_args(call.arguments, &command, pool.shared.max_frame_size, on) {
         Args::Json(a) => a,
         other => return Ok(unencoded(env, other)),
     };
@@ -430,15 +464,16 @@ fn execute_impl<'a>(
     let request = Request {
         command,
         args,
-        timeout: Duration::from_millis(timeout),
+        timeout: Duration::from_millis(call.timeout),
     };
-    let reply = Box::new(BeamReply::new(env, reference, id));
+    let reply = Box::new(BeamReply::new(env, call.reference, id, call.reads));
     let pool_timeout = Duration::from_millis(pool_timeout);
-    match pool
-        .shared
-        .pool
-        .acquire(id, mode, Some(request), reply, pool_timeout, owner)
-    {
+    let (acquired, _) = in_nif(env, None, || {
+        pool.shared
+            .pool
+            .acquire(id, mode, Some(request), reply, pool_timeout, owner)
+    });
+    match acquired {
         Ok(_) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
     }
@@ -456,13 +491,14 @@ fn checkout<'a>(
     let owner = pool.shared.owner(env);
     let id = pool.shared.pool.new_lease_id();
     let lease = ResourceArc::new(CheckoutHandle::new(pool.shared.clone(), id));
-    let reply = Box::new(BeamReply::new(env, reference, id));
+    let reply = Box::new(BeamReply::new(env, reference, id, false));
     let pool_timeout = Duration::from_millis(pool_timeout);
-    match pool
-        .shared
-        .pool
-        .acquire(id, mode, None, reply, pool_timeout, owner)
-    {
+    let (acquired, _) = in_nif(env, None, || {
+        pool.shared
+            .pool
+            .acquire(id, mode, None, reply, pool_timeout, owner)
+    });
+    match acquired {
         Ok(Acquired::Now(_)) => Ok((atoms::ok(), lease).encode(env)),
         Ok(Acquired::Queued(_)) => Ok((atoms::queued(), lease).encode(env)),
         Err(e) => Ok(error(env, e)),
@@ -478,16 +514,16 @@ fn call<'a>(
     command: Term<'a>,
     arguments: Term<'a>,
     timeout: u64,
+    reads: bool,
 ) -> NifResult<Term<'a>> {
-    call_impl(
-        env,
-        lease,
+    let request = Call {
         reference,
         command,
         arguments,
         timeout,
-        Scheduler::Normal,
-    )
+        reads,
+    };
+    call_impl(env, lease, request, Scheduler::Normal)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -498,39 +534,39 @@ fn call_dirty<'a>(
     command: Term<'a>,
     arguments: Term<'a>,
     timeout: u64,
+    reads: bool,
 ) -> NifResult<Term<'a>> {
-    call_impl(
-        env,
-        lease,
+    let request = Call {
         reference,
         command,
         arguments,
         timeout,
-        Scheduler::Dirty,
-    )
+        reads,
+    };
+    call_impl(env, lease, request, Scheduler::Dirty)
 }
 
 fn call_impl<'a>(
     env: Env<'a>,
     lease: ResourceArc<CheckoutHandle>,
-    reference: Term<'a>,
-    command: Term<'a>,
-    arguments: Term<'a>,
-    timeout: u64,
+    call: Call<'a>,
     on: Scheduler,
 ) -> NifResult<Term<'a>> {
-    let command = decode_command(command)?;
-    let args = match encode_args(arguments, &command, lease.shared.max_frame_size, on) {
+    let command = decode_command(call.command)?;
+    let args = match encode_args(call.arguments, &command, lease.shared.max_frame_size, on) {
         Args::Json(a) => a,
         other => return Ok(unencoded(env, other)),
     };
     let request = Request {
         command,
         args,
-        timeout: Duration::from_millis(timeout),
+        timeout: Duration::from_millis(call.timeout),
     };
-    let reply = Box::new(BeamReply::new(env, reference, lease.id));
-    match lease.shared.pool.call(lease.id, request, reply) {
+    let reply = Box::new(BeamReply::new(env, call.reference, lease.id, call.reads));
+    let (called, _) = in_nif(env, None, || {
+        lease.shared.pool.call(lease.id, request, reply)
+    });
+    match called {
         Ok(()) => Ok(atoms::ok().encode(env)),
         Err(e) => Ok(error(env, e)),
     }
@@ -580,8 +616,29 @@ fn control_impl<'a>(
 }
 
 #[rustler::nif]
-fn checkin(lease: ResourceArc<CheckoutHandle>) -> Atom {
-    lease.shared.pool.release(lease.id);
+fn checkin(env: Env, lease: ResourceArc<CheckoutHandle>) -> Atom {
+    in_nif(env, None, || lease.shared.pool.release(lease.id));
+    atoms::ok()
+}
+
+/// Reads what `worker` wrote, for the caller of `lease` whose `receive` got
+/// `{ref, {:"$dspex_readable", worker, lease}}`: returns that request's reply (`{:ok, term}`
+/// or `{:error, reason}`) when it came, else `:wait` (keep receiving: other frames were
+/// handed on, the reply comes later, or as a message).
+#[rustler::nif]
+fn read(env: Env, pool: ResourceArc<PoolResource>, worker: u64, lease: u64) -> Term {
+    let ((), captured) = in_nif(env, Some(lease), || pool.shared.pool.drain(worker, true));
+    match captured {
+        Some(delivery) => payload(env, &delivery),
+        None => atoms::wait().encode(env),
+    }
+}
+
+/// Reads what `worker` wrote, for the pool's owner (`{:"$dspex_readable", worker}`), and
+/// sends each reply to its caller.
+#[rustler::nif]
+fn drain(env: Env, pool: ResourceArc<PoolResource>, worker: u64) -> Atom {
+    in_nif(env, None, || pool.shared.pool.drain(worker, true));
     atoms::ok()
 }
 

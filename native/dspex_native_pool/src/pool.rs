@@ -19,13 +19,15 @@ use tokio::sync::Notify;
 use tokio_util::codec::FramedRead;
 
 pub use dspex_pool_core::{
-    Acquired, Counters, Delivery, LeaseId, Mode, Owner, PoolConfig, PoolStatus, Request, WorkerId,
+    Acquired, Counters, Delivery, LeaseId, Mode, Owner, PoolConfig, PoolStatus, Request, RequestId,
+    WorkerId,
 };
 use dspex_pool_core::{Core, Effect, Event, Outcome};
 
 use crate::error::PoolError;
 use crate::protocol;
-use crate::worker::{self, Conn, Spawner};
+use crate::reader::{Armed, Next, Poller, Reader, Slot, Watch};
+use crate::worker::{self, Conn, Spawner, Stdout};
 
 /// Where a [`Delivery`] goes: a BEAM process in production, a channel in tests.
 pub trait ReplySink: Send + 'static {
@@ -41,6 +43,19 @@ pub trait ReplySink: Send + 'static {
     fn event(&self, body: bytes::Bytes) -> Option<Box<dyn FnOnce() + Send>> {
         let _ = body;
         None
+    }
+
+    /// Whether the process behind this sink reads its worker's replies itself when the
+    /// poller tells it to (see [`crate::reader`]).
+    fn reads_itself(&self) -> bool {
+        false
+    }
+
+    /// Arms `watch` (once) for this sink's process, naming `worker`. Runs under the pool's
+    /// lock. False when it could not.
+    fn arm(&self, watch: &dyn Watch, worker: WorkerId) -> bool {
+        let _ = (watch, worker);
+        false
     }
 }
 
@@ -60,6 +75,8 @@ struct Inner {
     conns: HashMap<WorkerId, Arc<Conn>>,
     /// The deadline the timer task sleeps until (`None`: it waits to be woken).
     timer_at: Option<Instant>,
+    /// Workers whose stdout the BEAM polls, and who it is armed for.
+    readers: HashMap<WorkerId, Slot>,
 }
 
 /// An effect with its worker's connection resolved (under the lock).
@@ -78,6 +95,8 @@ enum Action {
 
 pub(crate) struct Shared {
     spawner: Box<dyn Spawner>,
+    /// Polls real workers' stdout (the BEAM); `None`: Tokio tasks read every worker.
+    poller: Option<Box<dyn Poller>>,
     events: Box<dyn EventSink>,
     max_frame_size: usize,
     inner: Mutex<Inner>,
@@ -101,17 +120,29 @@ impl Pool {
         spawner: Box<dyn Spawner>,
         events: Box<dyn EventSink>,
     ) -> Pool {
+        Pool::start_polled(config, spawner, events, None)
+    }
+
+    /// [`Pool::start`], with workers' stdout (when a file descriptor) polled by `poller`.
+    pub fn start_polled(
+        config: PoolConfig,
+        spawner: Box<dyn Spawner>,
+        events: Box<dyn EventSink>,
+        poller: Option<Box<dyn Poller>>,
+    ) -> Pool {
         let mut fx = Vec::new();
         let max_frame_size = config.max_frame_size;
         let core = Core::new(config, Instant::now(), &mut fx);
         let shared = Arc::new_cyclic(|me| Shared {
             spawner,
+            poller,
             events,
             max_frame_size,
             inner: Mutex::new(Inner {
                 core,
                 conns: HashMap::new(),
                 timer_at: None,
+                readers: HashMap::new(),
             }),
             wake: Arc::new(Notify::new()),
             next_lease: AtomicU64::new(1),
@@ -195,6 +226,18 @@ impl Pool {
             Outcome::Called(r) => r,
             other => unreachable!("control answered {other:?}"),
         }
+    }
+
+    /// Reads what `worker` wrote (the poller said its stdout is readable) and handles each
+    /// frame. `on_scheduler`: called from a NIF on a normal scheduler, which takes a bounded
+    /// amount and hands large frames to a Tokio task.
+    pub fn drain(&self, worker: WorkerId, on_scheduler: bool) {
+        let how = if on_scheduler {
+            Drain::Scheduler
+        } else {
+            Drain::Tokio
+        };
+        self.shared.drain(worker, how)
     }
 
     /// Ends a lease: checkin, a dropped checkout, or a holder that died. Idempotent.
@@ -315,6 +358,14 @@ impl Shared {
             self.wake.notify_one();
         }
         let mut out = Vec::with_capacity(fx.len());
+        let mut touched: Vec<WorkerId> = Vec::new();
+        if !inner.readers.is_empty() {
+            for effect in &fx {
+                if let Effect::Write { worker, .. } | Effect::Signal { worker, .. } = effect {
+                    touched.push(*worker);
+                }
+            }
+        }
         for effect in fx {
             out.push(match effect {
                 Effect::Write { worker, bytes } => match inner.conns.get(&worker) {
@@ -347,6 +398,9 @@ impl Shared {
                 Effect::WorkerExited { worker, reason } => Action::Exited(worker, reason),
                 Effect::Stopped => Action::Stopped,
             });
+        }
+        if !inner.readers.is_empty() {
+            retarget_readers(inner, &touched);
         }
         out
     }
@@ -401,6 +455,66 @@ impl Shared {
         }
     }
 
+    /// See [`Pool::drain`].
+    fn drain(&self, wid: WorkerId, how: Drain) {
+        let reader = {
+            let mut inner = self.lock();
+            match inner.readers.get_mut(&wid) {
+                Some(slot) => {
+                    // The notification that brought us here was consumed.
+                    slot.armed = Armed::Nobody;
+                    slot.reader.clone()
+                }
+                None => return,
+            }
+        };
+        let mut state = reader.lock();
+        if state.done {
+            return;
+        }
+        let fd = reader.watch.fd();
+        let mut read = 0usize;
+        loop {
+            let limit = (how == Drain::Scheduler).then_some(&mut read);
+            match state.next(fd, limit) {
+                Next::Frame(body) => {
+                    // Decoded before locking, as in the Tokio reader.
+                    let frame = protocol::decode_response(&body.freeze());
+                    self.step(Event::Frame { worker: wid, frame });
+                }
+                Next::Large => {
+                    // Too large for a normal scheduler: a Tokio task reads on (and re-arms).
+                    drop(state);
+                    if let Some(me) = self.me.upgrade() {
+                        crate::runtime::spawn(async move { me.drain(wid, Drain::Tokio) });
+                    }
+                    return;
+                }
+                Next::Pause | Next::Empty => break,
+                Next::Eof => {
+                    state.done = true;
+                    reader.eof.notify_one();
+                    return;
+                }
+                Next::Broken(e) => {
+                    state.done = true;
+                    let error = stream_error(e, self.max_frame_size);
+                    let conn = self.lock().conns.get(&wid).cloned();
+                    self.step(Event::StreamError { worker: wid, error });
+                    if let Some(conn) = conn {
+                        conn.signal(libc::SIGKILL);
+                    }
+                    reader.eof.notify_one();
+                    return;
+                }
+            }
+        }
+        if how != Drain::Final {
+            // Still under the reader's lock: the next notification finds everything read.
+            retarget(&mut self.lock(), wid);
+        }
+    }
+
     fn stop(&self) {
         if let Some(me) = self.me.upgrade() {
             let mut keep = self.keep_alive.lock().unwrap_or_else(|e| e.into_inner());
@@ -413,6 +527,55 @@ impl Shared {
     }
 }
 
+/// Re-arms the polled stdout of each worker in `touched`, and of each armed for a caller,
+/// whose reader should change (see [`crate::reader`]). Runs under the lock, before any
+/// delivery of the step is performed: a caller that is no longer the reader is disarmed
+/// before its reply is sent, so a notification meant for it always reaches it first.
+fn retarget_readers(inner: &mut Inner, touched: &[WorkerId]) {
+    let ids: Vec<WorkerId> = inner
+        .readers
+        .iter()
+        .filter(|(wid, slot)| matches!(slot.armed, Armed::Caller(..)) || touched.contains(wid))
+        .map(|(wid, _)| *wid)
+        .collect();
+    for wid in ids {
+        retarget(inner, wid);
+    }
+}
+
+/// Arms `wid`'s stdout for who should read it next, unless it already is.
+fn retarget(inner: &mut Inner, wid: WorkerId) {
+    let Inner { core, readers, .. } = inner;
+    let Some(slot) = readers.get_mut(&wid) else {
+        return;
+    };
+    let want = match core.sole_caller(wid) {
+        Some((lease, rid)) if core.reply_of(lease).is_some_and(|r| r.reads_itself()) => {
+            Armed::Caller(lease, rid)
+        }
+        _ => Armed::Owner,
+    };
+    if want == slot.armed {
+        return;
+    }
+    let watch = &*slot.reader.watch;
+    slot.armed = match want {
+        Armed::Caller(lease, _) if core.reply_of(lease).is_some_and(|r| r.arm(watch, wid)) => want,
+        _ if watch.arm_owner() => Armed::Owner,
+        _ => Armed::Nobody,
+    };
+}
+
+/// Where [`Shared::drain`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// A NIF on a normal scheduler: bounded, large frames go to a Tokio task.
+    Scheduler,
+    Tokio,
+    /// The worker exited (its poll cancelled): read what is left, arm nothing.
+    Final,
+}
+
 fn signal_number(signal: dspex_pool_core::Signal) -> i32 {
     match signal {
         dspex_pool_core::Signal::Term => libc::SIGTERM,
@@ -420,7 +583,8 @@ fn signal_number(signal: dspex_pool_core::Signal) -> i32 {
     }
 }
 
-/// Runs one worker: spawn, read frames until it exits, report the exit.
+/// Runs one worker: spawn, read frames (or let the poller's readers do it) until it exits,
+/// report the exit.
 async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
     let Some(shared) = pool.upgrade() else { return };
     let spawned = match shared.spawner.spawn(wid) {
@@ -429,6 +593,24 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
             shared.step(Event::SpawnFailed {
                 worker: wid,
                 reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    let stdout = match (spawned.stdout, &shared.poller) {
+        (Stdout::Fd(fd), Some(poller)) => set_nonblocking(fd).map(|fd| {
+            let reader = Reader::new(poller.watch(wid, fd), shared.max_frame_size);
+            Polled::Beam(Arc::new(reader))
+        }),
+        (stdout, _) => stdout.into_stream().map(Polled::Tokio),
+    };
+    let stdout = match stdout {
+        Ok(s) => s,
+        Err(e) => {
+            (spawned.signal)(libc::SIGKILL);
+            shared.step(Event::SpawnFailed {
+                worker: wid,
+                reason: format!("could not read the worker's stdout: {e}"),
             });
             return;
         }
@@ -445,9 +627,17 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
         }))
     });
     let registered = conn.clone();
+    let slot = match &stdout {
+        Polled::Beam(reader) => Some(reader.clone()),
+        Polled::Tokio(_) => None,
+    };
     shared.step_with(
         move |inner| {
             inner.conns.insert(wid, registered);
+            if let Some(reader) = slot {
+                let armed = Armed::Nobody;
+                inner.readers.insert(wid, Slot { reader, armed });
+            }
         },
         Event::Spawned {
             worker: wid,
@@ -456,8 +646,91 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
     );
     let max_frame = shared.max_frame_size;
     drop(shared);
-    let mut frames = FramedRead::new(spawned.stdout, protocol::codec(max_frame));
     let mut exit_fut = spawned.exit;
+    let exit = match stdout {
+        Polled::Tokio(stdout) => {
+            read_frames(&pool, wid, &conn, stdout, &mut exit_fut, max_frame).await
+        }
+        Polled::Beam(reader) => {
+            let exit = tokio::select! {
+                exit = &mut exit_fut => exit,
+                _ = reader.eof.notified() => {
+                    // stdout closed: the process is exiting, or it closed fd 1 and can no
+                    // longer answer. Either way it is done.
+                    match tokio::time::timeout(Duration::from_millis(500), &mut exit_fut).await {
+                        Ok(exit) => exit,
+                        Err(_) => {
+                            conn.signal(libc::SIGKILL);
+                            exit_fut.await
+                        }
+                    }
+                }
+            };
+            // Disarmed first, so no notification about this pipe follows the replies and
+            // errors below; then what the worker wrote before exiting is read.
+            reader.watch.cancel();
+            if let Some(p) = pool.upgrade() {
+                p.drain(wid, Drain::Final);
+            }
+            reader.lock().done = true;
+            reader.watch.stop();
+            exit
+        }
+    };
+    if let Some(task) = stderr_task {
+        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+    }
+    if let Some(p) = pool.upgrade() {
+        let stderr = conn.stderr_summary();
+        let mut fx = Vec::new();
+        let actions = {
+            let mut inner = p.lock();
+            inner.conns.remove(&wid);
+            inner.readers.remove(&wid);
+            let event = Event::Exited {
+                worker: wid,
+                exit,
+                stderr,
+            };
+            inner.core.step(event, Instant::now(), &mut fx);
+            p.resolve(&mut inner, fx)
+        };
+        p.perform(actions);
+    }
+}
+
+/// How a worker's stdout is read.
+enum Polled {
+    /// By a Tokio task ([`read_frames`]).
+    Tokio(worker::BoxRead),
+    /// By whoever the BEAM's poller wakes ([`crate::reader`]).
+    Beam(Arc<Reader>),
+}
+
+fn set_nonblocking(fd: std::os::fd::OwnedFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+/// Reads a worker's frames on a Tokio task until it exits; returns how it exited.
+async fn read_frames(
+    pool: &Weak<Shared>,
+    wid: WorkerId,
+    conn: &Arc<Conn>,
+    stdout: worker::BoxRead,
+    exit_fut: &mut std::pin::Pin<
+        Box<dyn std::future::Future<Output = crate::error::ExitInfo> + Send>,
+    >,
+    max_frame: usize,
+) -> crate::error::ExitInfo {
+    let mut frames = FramedRead::new(stdout, protocol::codec(max_frame));
     let on_frame = |body: bytes::BytesMut| match pool.upgrade() {
         Some(p) => {
             // Decoded before locking: a large reply must not hold up callers (BEAM schedulers
@@ -467,7 +740,7 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
         }
         None => conn.signal(libc::SIGKILL),
     };
-    let exit = loop {
+    loop {
         tokio::select! {
             biased;
             frame = frames.next() => match frame {
@@ -483,7 +756,7 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
                 None => {
                     // stdout closed: the process is exiting, or it closed fd 1 and can no
                     // longer answer. Either way it is done.
-                    match tokio::time::timeout(Duration::from_millis(500), &mut exit_fut).await {
+                    match tokio::time::timeout(Duration::from_millis(500), &mut *exit_fut).await {
                         Ok(exit) => break exit,
                         Err(_) => {
                             conn.signal(libc::SIGKILL);
@@ -492,7 +765,7 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
                     }
                 }
             },
-            exit = &mut exit_fut => {
+            exit = &mut *exit_fut => {
                 // Replies written just before exiting are still in the pipe.
                 while let Ok(Some(Ok(body))) =
                     tokio::time::timeout(Duration::from_millis(50), frames.next()).await
@@ -502,25 +775,6 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
                 break exit;
             }
         }
-    };
-    if let Some(task) = stderr_task {
-        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
-    }
-    if let Some(p) = pool.upgrade() {
-        let stderr = conn.stderr_summary();
-        let mut fx = Vec::new();
-        let actions = {
-            let mut inner = p.lock();
-            inner.conns.remove(&wid);
-            let event = Event::Exited {
-                worker: wid,
-                exit,
-                stderr,
-            };
-            inner.core.step(event, Instant::now(), &mut fx);
-            p.resolve(&mut inner, fx)
-        };
-        p.perform(actions);
     }
 }
 

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,11 +25,28 @@ use crate::zygote;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 
+/// A worker's stdout: a pipe the pool may hand to the BEAM's poller (a real process), or any
+/// byte stream (in-process fake workers).
+pub enum Stdout {
+    Fd(OwnedFd),
+    Stream(BoxRead),
+}
+
+impl Stdout {
+    /// As a Tokio stream (read by a Tokio task rather than polled by the BEAM).
+    pub fn into_stream(self) -> io::Result<BoxRead> {
+        match self {
+            Stdout::Fd(fd) => Ok(Box::new(pipe::Receiver::from_owned_fd(fd)?)),
+            Stdout::Stream(s) => Ok(s),
+        }
+    }
+}
+
 /// A started worker: its pipes, its exit, and a way to signal it.
 pub struct Spawned {
     pub pid: Option<u32>,
     pub stdin: pipe::Sender,
-    pub stdout: BoxRead,
+    pub stdout: Stdout,
     pub stderr: Option<BoxRead>,
     /// Resolves once the process has exited and been reaped.
     pub exit: Pin<Box<dyn Future<Output = ExitInfo> + Send>>,

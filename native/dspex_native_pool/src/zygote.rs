@@ -361,7 +361,7 @@ impl ForkServer {
         Ok(Spawned {
             pid: Some(pid),
             stdin: pipe::Sender::from_owned_fd(stdin_w)?,
-            stdout: Box::new(pipe::Receiver::from_owned_fd(stdout_r)?),
+            stdout: crate::worker::Stdout::Fd(stdout_r),
             stderr: Some(stderr),
             exit,
             signal,
@@ -711,14 +711,15 @@ if __name__ == "__main__":
 
     async fn run(mode: Mode, forked: &str) {
         let (s, _dir) = spawner(mode, SCRIPT);
-        let mut w = s.spawn(7).unwrap();
+        let w = s.spawn(7).unwrap();
         let pid = w.pid.unwrap();
         let (helper_pid, served) = s.server().helper_info().await.unwrap();
         assert_eq!(served, mode);
         assert_eq!(ppid(pid), helper_pid, "a child of the fork server");
         assert_eq!(ppid(helper_pid), std::process::id());
         let mut out = vec![0u8; 200];
-        let n = w.stdout.read(&mut out).await.unwrap();
+        let mut stdout = w.stdout.into_stream().unwrap();
+        let n = stdout.read(&mut out).await.unwrap();
         assert_eq!(
             std::str::from_utf8(&out[..n]).unwrap(),
             format!("--mode pool-worker --worker-id 7 --extra on {forked}\n")

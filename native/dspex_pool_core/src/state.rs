@@ -409,6 +409,18 @@ impl<R> Core<R> {
             .map(|w| (w.callers_in_flight(), w.capacity))
     }
 
+    /// The one caller request in flight on `worker`, when it has exactly one (its lease and
+    /// request id): whoever waits for it may read the worker's replies itself.
+    pub fn sole_caller(&self, worker: WorkerId) -> Option<(LeaseId, RequestId)> {
+        let w = self.workers.get(&worker)?;
+        let mut callers = w.inflight.iter().filter_map(|(rid, p)| match p.kind {
+            PendingKind::Caller { lease, .. } => Some((lease, *rid)),
+            _ => None,
+        });
+        let first = callers.next()?;
+        callers.next().is_none().then_some(first)
+    }
+
     /// Whether `lease` waits in the queue.
     pub fn is_queued(&self, lease: LeaseId) -> bool {
         self.queue.contains(lease)
