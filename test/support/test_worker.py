@@ -123,9 +123,9 @@ class Worker:
         "wrong_id", "no_success_key", "fail", "big", "stderr", "stats", "shutdown", "configure_lm",
         "create_program", "execute_program", "list_programs", "delete_program", "cleanup_session",
         "restore_session", "reply_twice", "unparseable", "stderr_flood", "spawn_grandchild", "go_silent",
-        "chunks", "tool",
+        "chunks", "tool", "gate", "split",
     })
-    THREADED = frozenset({"sleep", "chunks", "tool"})  # under protocol 2: run on their own threads
+    THREADED = frozenset({"sleep", "chunks", "tool", "gate"})  # under protocol 2: run on their own threads
 
     def __init__(self, worker_id: str | None, proto_fd: int, protocol: int = 1, concurrency: int = 8) -> None:
         self.worker_id, self.proto_fd = worker_id, proto_fd
@@ -274,6 +274,30 @@ class Worker:
 
     def fail(self, args):
         raise ValueError(args.get("message", "failed on request"))
+
+    def gate(self, args, flight: InFlight | None = None):
+        """Answers once the file at `path` exists (the test opens the gate when it is ready)."""
+        while not os.path.exists(args["path"]):
+            if flight is not None:
+                flight.sleep(0.001)
+            else:
+                time.sleep(0.001)
+        return {"opened": True, "pid": os.getpid()}
+
+    def split(self, args):
+        """Writes its reply frame in `pieces` writes, pausing between them, so the pool reads
+        it in several parts (`bytes`: the size of its data)."""
+        body = encode({"id": self.current_id(), "success": True,
+                       "result": {"data": "y" * int(args.get("bytes", 100)), "nonce": args.get("nonce")}})
+        frame = memoryview(len(body).to_bytes(4, "big") + body)
+        step = -(-len(frame) // max(1, int(args.get("pieces", 8))))
+        with self.write_lock:
+            for start in range(0, len(frame), step):
+                piece = frame[start:start + step]
+                while piece:
+                    piece = piece[os.write(self.proto_fd, piece):]
+                time.sleep(0.002)
+        raise Reply(None)
 
     def big(self, args):
         return {"data": "x" * int(args.get("bytes", 0))}
