@@ -2,11 +2,12 @@
 //!
 //! The pool's logic (state, queue, sessions, timers, effects) is the rustler-free crate
 //! `dspex_pool_core`. Here: `runtime`, `protocol` (the frame codec), `worker` (processes),
-//! `zygote` (the client of the fork server that starts workers) and `pool` (the I/O executor
-//! that runs the core) know nothing of the BEAM and are tested against in-process fake workers
-//! (`fake`, `pool_tests`); `term` (term <-> JSON), `checkout` (process monitors, checkout
-//! handles), `error` (encoding errors), `logs` (worker stderr batched to the owner) and `nif`
-//! (the NIF functions) are the BEAM side.
+//! `zygote` (the client of the fork server that starts workers), `reader` (a worker's stdout
+//! polled by the BEAM, read by whoever it wakes) and `pool` (the I/O executor that runs the
+//! core) know nothing of the BEAM and are tested against in-process fake workers (`fake`,
+//! `pool_tests`); `term` (term <-> JSON), `checkout` (process monitors, checkout handles),
+//! `error` (encoding errors), `logs` (worker stderr batched to the owner), `beam_poll`
+//! (`enif_select`, sends from inside a NIF) and `nif` (the NIF functions) are the BEAM side.
 
 pub mod error;
 #[cfg(test)]

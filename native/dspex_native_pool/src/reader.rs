@@ -22,9 +22,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::sync::Notify;
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::pool::{LeaseId, RequestId, WorkerId};
 
@@ -77,7 +76,7 @@ pub(crate) struct Reader {
 
 pub(crate) struct ReadState {
     buf: BytesMut,
-    codec: LengthDelimitedCodec,
+    max_frame: usize,
     /// End of file seen, or the stream broke: nothing more is read.
     pub done: bool,
 }
@@ -102,7 +101,7 @@ impl Reader {
             watch,
             state: Mutex::new(ReadState {
                 buf: BytesMut::with_capacity(8 * 1024),
-                codec: crate::protocol::codec(max_frame),
+                max_frame,
                 done: false,
             }),
             eof: Notify::new(),
@@ -119,16 +118,24 @@ impl ReadState {
     /// scheduler's budget (`Some(bytes read so far)`), `None` on a Tokio thread.
     pub fn next(&mut self, fd: RawFd, mut limit: Option<&mut usize>) -> Next {
         loop {
-            if limit.is_some() && self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-                if len as usize > SMALL_FRAME {
+            // A 4-byte big-endian length, then the body (the same frames as `protocol::codec`).
+            if self.buf.len() >= 4 {
+                let head = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+                let len = u32::from_be_bytes(head) as usize;
+                if len > self.max_frame {
+                    // Refused at the header: garbage never makes us buffer its "length".
+                    return Next::Broken(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "frame length over max_frame_size",
+                    ));
+                }
+                if limit.is_some() && len > SMALL_FRAME {
                     return Next::Large;
                 }
-            }
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(frame)) => return Next::Frame(frame),
-                Ok(None) => {}
-                Err(e) => return Next::Broken(e),
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    return Next::Frame(self.buf.split_to(len));
+                }
             }
             if let Some(read) = limit.as_deref() {
                 if *read >= SCHEDULER_BYTES {
@@ -162,5 +169,114 @@ impl ReadState {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for two descriptors.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: just created, owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn write(fd: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: writes from a live slice.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        assert_eq!(n as usize, bytes.len());
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn state(max_frame: usize) -> ReadState {
+        ReadState {
+            buf: BytesMut::new(),
+            max_frame,
+            done: false,
+        }
+    }
+
+    #[test]
+    fn a_frame_split_across_writes_comes_out_whole_once_complete() {
+        let (r, w) = pipe();
+        let mut s = state(1 << 20);
+        let f = frame(br#"{"id":1,"success":true,"result":{}}"#);
+        for piece in f.chunks(5) {
+            assert!(matches!(s.next(r.as_raw_fd(), Some(&mut 0)), Next::Empty));
+            write(&w, piece);
+        }
+        match s.next(r.as_raw_fd(), Some(&mut 0)) {
+            Next::Frame(body) => assert_eq!(&body[..], &f[4..]),
+            _ => panic!("expected the frame"),
+        }
+        assert!(matches!(s.next(r.as_raw_fd(), Some(&mut 0)), Next::Empty));
+    }
+
+    #[test]
+    fn a_large_frame_is_left_to_a_tokio_thread_but_read_whole_without_a_limit() {
+        let (r, w) = pipe();
+        let mut s = state(1 << 20);
+        let body = vec![b'x'; SMALL_FRAME + 1];
+        write(&w, &frame(&body));
+        assert!(matches!(s.next(r.as_raw_fd(), Some(&mut 0)), Next::Large));
+        match s.next(r.as_raw_fd(), None) {
+            Next::Frame(got) => assert_eq!(got.len(), body.len()),
+            _ => panic!("expected the frame"),
+        }
+    }
+
+    #[test]
+    fn a_scheduler_read_stops_at_its_byte_budget() {
+        let (r, w) = pipe();
+        // SAFETY: plain fcntl; room for more than one budget in the pipe.
+        assert!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) } > 0);
+        let mut s = state(1 << 20);
+        let small = frame(&vec![b'y'; 1000]);
+        let count = SCHEDULER_BYTES / small.len() + 4;
+        for _ in 0..count {
+            write(&w, &small);
+        }
+        let mut read = 0;
+        let mut frames = 0;
+        loop {
+            match s.next(r.as_raw_fd(), Some(&mut read)) {
+                Next::Frame(_) => frames += 1,
+                Next::Pause => break,
+                _ => panic!("expected the budget to run out first"),
+            }
+        }
+        assert!(read >= SCHEDULER_BYTES && frames < count);
+        // The rest is read by the next call.
+        let mut read = 0;
+        while let Next::Frame(_) = s.next(r.as_raw_fd(), Some(&mut read)) {
+            frames += 1;
+        }
+        assert_eq!(frames, count);
+    }
+
+    #[test]
+    fn end_of_file_and_a_header_over_the_limit_are_reported() {
+        let (r, w) = pipe();
+        let mut s = state(64);
+        write(&w, b"this is not a frame\n");
+        assert!(matches!(s.next(r.as_raw_fd(), None), Next::Broken(_)));
+        let (r, w) = pipe();
+        let mut s = state(64);
+        write(&w, &frame(b"{}"));
+        drop(w);
+        assert!(matches!(s.next(r.as_raw_fd(), None), Next::Frame(_)));
+        assert!(matches!(s.next(r.as_raw_fd(), None), Next::Eof));
     }
 }
