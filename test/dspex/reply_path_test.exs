@@ -142,7 +142,9 @@ defmodule DSPex.NativePool.ReplyPathTest do
       results =
         1..40
         |> Task.async_stream(
-          fn n -> NativePool.execute_anonymous(:split, %{pieces: 2, bytes: n, nonce: n}, opts) end,
+          fn n ->
+            NativePool.execute_anonymous(:split, %{pieces: 2, bytes: n, nonce: n}, opts)
+          end,
           max_concurrency: 8
         )
         |> Enum.map(fn {:ok, reply} -> reply end)
