@@ -13,6 +13,7 @@ use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
+use rustler::env::SavedTerm;
 use rustler::sys::{
     enif_alloc_resource, enif_init_resource_type, enif_release_resource, enif_select,
     enif_select_x, enif_send, ErlNifEnv, ErlNifEvent, ErlNifResourceFlags, ErlNifResourceStop,
@@ -75,11 +76,13 @@ impl Poller for BeamPoller {
     fn watch(&self, worker: WorkerId, fd: OwnedFd) -> Arc<dyn Watch> {
         // SAFETY: the type was registered at load; the object only marks the descriptor.
         let obj = unsafe { enif_alloc_resource(FD_TYPE.load(Ordering::Acquire), 1) };
+        let env = OwnedEnv::new();
+        let msg = env.save((atoms::dspex_readable(), worker));
         Arc::new(BeamWatch {
             obj,
             fd: fd.into_raw_fd(),
             owner: self.owner,
-            worker,
+            owner_msg: (env, msg),
         })
     }
 }
@@ -88,18 +91,20 @@ pub struct BeamWatch {
     obj: *mut c_void,
     fd: RawFd,
     owner: LocalPid,
-    worker: WorkerId,
+    /// `{:"$dspex_readable", worker}`, built once.
+    owner_msg: (OwnedEnv, SavedTerm),
 }
 
-// SAFETY: the resource object is only passed to thread-safe ERTS functions.
+// SAFETY: the resource object is only passed to thread-safe ERTS functions; the owner's
+// message is only read (copied by ERTS), never changed, after it is built.
 unsafe impl Send for BeamWatch {}
 unsafe impl Sync for BeamWatch {}
 
 impl BeamWatch {
-    /// Arms the descriptor (once) to send `msg`, built in `msg_env`, to `pid`.
-    pub fn select(&self, pid: &LocalPid, msg_env: Env, msg: Term) -> bool {
-        // SAFETY: `msg` lives in `msg_env`, a process-independent env that ERTS takes the
-        // message from (and invalidates); the resource is alive while we hold it.
+    /// Arms the descriptor (once) to send a copy of `msg` to `pid`.
+    pub fn select(&self, pid: &LocalPid, msg: Term) -> bool {
+        // SAFETY: with no msg_env, ERTS copies `msg` (alive in its env during the call); the
+        // resource is alive while we hold it.
         let r = unsafe {
             enif_select_x(
                 std::ptr::null_mut(),
@@ -108,7 +113,7 @@ impl BeamWatch {
                 self.obj,
                 pid.as_c_arg(),
                 msg.as_c_arg(),
-                msg_env.as_c_arg(),
+                std::ptr::null_mut(),
             )
         };
         r >= 0
@@ -135,11 +140,8 @@ impl Watch for BeamWatch {
     }
 
     fn arm_owner(&self) -> bool {
-        let env = OwnedEnv::new();
-        env.run(|e| {
-            let msg = (atoms::dspex_readable(), self.worker).encode(e);
-            self.select(&self.owner, e, msg)
-        })
+        let (env, msg) = &self.owner_msg;
+        env.run(|e| self.select(&self.owner, msg.load(e)))
     }
 
     fn cancel(&self) {

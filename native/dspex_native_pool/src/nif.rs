@@ -146,11 +146,10 @@ impl ReplySink for BeamReply {
         let Some(watch) = watch.as_any().downcast_ref::<BeamWatch>() else {
             return false;
         };
-        let msg_env = OwnedEnv::new();
-        msg_env.run(|e| {
-            let reference = env.run(|own| saved.load(own).in_env(e));
-            let msg = crate::beam_poll::readable(e, reference, worker, self.lease);
-            watch.select(pid, e, msg)
+        // Built in the reply's own env (a few words, freed with it); ERTS copies it.
+        env.run(|e| {
+            let msg = crate::beam_poll::readable(e, saved.load(e), worker, self.lease);
+            watch.select(pid, msg)
         })
     }
 }
