@@ -155,4 +155,30 @@ defmodule DSPex.NativePool.ReplyPathTest do
       end
     end
   end
+
+  describe "replies no caller reads" do
+    test "are read by the pool's reader, not held up by a busy pool server", %{gate: gate} do
+      opts = start_pool(pool_size: 1, env: @v2)
+      server = GenServer.whereis(opts[:pool])
+      # Two requests in flight on one worker: neither caller reads for the other.
+      callers = for _ <- 1..2, do: call_in_process(:gate, %{path: gate}, opts)
+      eventually(fn -> status(opts).in_flight == 2 end)
+
+      :sys.suspend(server)
+      File.write!(gate, "")
+
+      for caller <- callers do
+        assert_receive {:result, ^caller, {:ok, %{"opened" => true}}, []}, 5_000
+      end
+
+      :sys.resume(server)
+    end
+
+    test "a health check in the pool's server on a lazy pool reads the new worker's handshake" do
+      opts = start_pool(pool_size: 1, lazy: true)
+      assert status(opts).ready == 0
+      # `:health_check` runs in the server; the handshake it waits for is read meanwhile.
+      assert {:ok, :healthy} = GenServer.call(opts[:pool], :health_check, 10_000)
+    end
+  end
 end

@@ -295,6 +295,7 @@ defmodule DSPex.NativePool.Server do
     name = opts[:name]
     cache_dir = Path.join(System.tmp_dir!(), "dspex_native_pool_dspy_cache")
     python = opts[:python] || Python.default_python()
+    reader = spawn_link(__MODULE__, :reader, [self()])
 
     config = %{
       pool_size: opts[:pool_size],
@@ -311,6 +312,7 @@ defmodule DSPex.NativePool.Server do
       script: opts[:script],
       start_method: opts[:start_method],
       fork_server: Python.fork_server_script(),
+      reader: reader,
       worker_args: opts[:worker_args],
       env:
         [
@@ -322,6 +324,7 @@ defmodule DSPex.NativePool.Server do
     }
 
     resource = Native.pool_start(config)
+    send(reader, {:resource, resource})
 
     pool = %{
       name: name,
@@ -342,6 +345,7 @@ defmodule DSPex.NativePool.Server do
     state = %{
       pool: pool,
       parent: parent,
+      reader: reader,
       pool_size: opts[:pool_size],
       max_overflow: opts[:max_overflow],
       shutdown_grace: opts[:shutdown_grace],
@@ -463,6 +467,10 @@ defmodule DSPex.NativePool.Server do
     {:noreply, state}
   end
 
+  # The reader cannot fail but by a bug: without it, replies nobody else reads would wait.
+  def handle_info({:EXIT, reader, reason}, %{reader: reader} = state),
+    do: {:stop, {:reader_exited, reason}, state}
+
   # A linked process other than the parent (the parent's exit stops a GenServer by itself).
   def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
 
@@ -491,12 +499,6 @@ defmodule DSPex.NativePool.Server do
     Telemetry.worker_event(event, worker, Map.put(meta, :pool, state.pool.name))
   end
 
-  # A worker's stdout is readable and no caller reads it (start-up, several requests in
-  # flight on one worker, an idle worker writing garbage): read it, replies go to callers.
-  defp handle_native({:"$dspex_readable", worker}, state) do
-    Native.drain(state.pool.resource, worker)
-  end
-
   defp handle_native(_other, _state), do: :ok
 
   @impl true
@@ -521,21 +523,36 @@ defmodule DSPex.NativePool.Server do
   # Workers get `shutdown`, then SIGTERM and SIGKILL after a grace period each.
   defp stop_pool(state) do
     Native.pool_stop(state.pool.resource)
-    deadline = System.monotonic_time(:millisecond) + state.shutdown_grace * 2 + 1_000
-    await_stopped(state, deadline)
+
+    receive do
+      {:dspex_native_pool_event, :stopped} -> :ok
+    after
+      state.shutdown_grace * 2 + 1_000 -> :ok
+    end
   end
 
-  # Workers still answer while they stop (a reply in flight, the shutdown): read on.
-  defp await_stopped(state, deadline) do
-    receive do
-      {:dspex_native_pool_event, :stopped} ->
-        :ok
+  @doc false
+  # The pool's reader: a process that only reads workers' stdout when no caller does (a
+  # worker's start-up, several protocol-2 requests in flight on it, a stream, output while
+  # idle) and sends each reply to its caller. Apart from the pool's server, so a server busy
+  # in a call never holds up a reply. It ends with the server.
+  def reader(server) do
+    monitor = Process.monitor(server)
 
-      {:"$dspex_readable", _worker} = readable ->
-        handle_native(readable, state)
-        await_stopped(state, deadline)
-    after
-      max(deadline - System.monotonic_time(:millisecond), 0) -> :ok
+    receive do
+      {:resource, resource} -> read(resource, monitor)
+      {:DOWN, ^monitor, _, _, _} -> :ok
+    end
+  end
+
+  defp read(resource, monitor) do
+    receive do
+      {:"$dspex_readable", worker} ->
+        Native.drain(resource, worker)
+        read(resource, monitor)
+
+      {:DOWN, ^monitor, _, _, _} ->
+        :ok
     end
   end
 end

@@ -238,6 +238,8 @@ struct Config {
     env: Vec<(String, String)>,
     start_method: Atom,
     fork_server: String,
+    /// The process that reads workers' stdout when no caller does (`drain/2`).
+    reader: LocalPid,
 }
 
 #[rustler::nif]
@@ -271,7 +273,9 @@ fn pool_start(env: Env, config: Config) -> Term {
         owner: env.pid(),
         logs: crate::logs::for_owner(env.pid()),
     };
-    let poller = BeamPoller { owner: env.pid() };
+    let poller = BeamPoller {
+        owner: config.reader,
+    };
     let pool = Pool::start_polled(
         pool_config,
         Box::new(spawner),
@@ -633,8 +637,8 @@ fn read(env: Env, pool: ResourceArc<PoolResource>, worker: u64, lease: u64) -> T
     }
 }
 
-/// Reads what `worker` wrote, for the pool's owner (`{:"$dspex_readable", worker}`), and
-/// sends each reply to its caller.
+/// Reads what `worker` wrote, for the pool's reader process (`{:"$dspex_readable", worker}`),
+/// and sends each reply to its caller.
 #[rustler::nif]
 fn drain(env: Env, pool: ResourceArc<PoolResource>, worker: u64) -> Atom {
     in_nif(env, None, || pool.shared.pool.drain(worker, true));
