@@ -67,9 +67,9 @@ pub fn load(env: Env) -> bool {
 }
 
 /// Puts workers' stdout in ERTS's poll set; notifications nobody else should get go to the
-/// pool's owner process as `{:"$dspex_readable", worker}`.
+/// pool's reader process as `{:"$dspex_readable", worker}`.
 pub struct BeamPoller {
-    pub owner: LocalPid,
+    pub reader: LocalPid,
 }
 
 impl Poller for BeamPoller {
@@ -81,8 +81,8 @@ impl Poller for BeamPoller {
         Arc::new(BeamWatch {
             obj,
             fd: fd.into_raw_fd(),
-            owner: self.owner,
-            owner_msg: (env, msg),
+            reader: self.reader,
+            reader_msg: (env, msg),
         })
     }
 }
@@ -90,12 +90,12 @@ impl Poller for BeamPoller {
 pub struct BeamWatch {
     obj: *mut c_void,
     fd: RawFd,
-    owner: LocalPid,
+    reader: LocalPid,
     /// `{:"$dspex_readable", worker}`, built once.
-    owner_msg: (OwnedEnv, SavedTerm),
+    reader_msg: (OwnedEnv, SavedTerm),
 }
 
-// SAFETY: the resource object is only passed to thread-safe ERTS functions; the owner's
+// SAFETY: the resource object is only passed to thread-safe ERTS functions; the reader.s
 // message is only read (copied by ERTS), never changed, after it is built.
 unsafe impl Send for BeamWatch {}
 unsafe impl Sync for BeamWatch {}
@@ -139,9 +139,9 @@ impl Watch for BeamWatch {
         self.fd
     }
 
-    fn arm_owner(&self) -> bool {
-        let (env, msg) = &self.owner_msg;
-        env.run(|e| self.select(&self.owner, msg.load(e)))
+    fn arm_reader(&self) -> bool {
+        let (env, msg) = &self.reader_msg;
+        env.run(|e| self.select(&self.reader, msg.load(e)))
     }
 
     fn cancel(&self) {

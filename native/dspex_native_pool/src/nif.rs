@@ -274,7 +274,7 @@ fn pool_start(env: Env, config: Config) -> Term {
         logs: crate::logs::for_owner(env.pid()),
     };
     let poller = BeamPoller {
-        owner: config.reader,
+        reader: config.reader,
     };
     let pool = Pool::start_polled(
         pool_config,

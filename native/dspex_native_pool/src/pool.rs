@@ -553,7 +553,7 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
         Some((lease, rid)) if core.reply_of(lease).is_some_and(|r| r.reads_itself()) => {
             Armed::Caller(lease, rid)
         }
-        _ => Armed::Owner,
+        _ => Armed::Reader,
     };
     if want == slot.armed {
         return;
@@ -561,7 +561,7 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
     let watch = &*slot.reader.watch;
     slot.armed = match want {
         Armed::Caller(lease, _) if core.reply_of(lease).is_some_and(|r| r.arm(watch, wid)) => want,
-        _ if watch.arm_owner() => Armed::Owner,
+        _ if watch.arm_reader() => Armed::Reader,
         _ => Armed::Nobody,
     };
 }

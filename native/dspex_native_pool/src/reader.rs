@@ -8,7 +8,8 @@
 //!   frame in the caller's own process, so the reply wakes no other thread or process first;
 //! * otherwise (a start-up handshake, chores, an idle worker that writes garbage, several
 //!   requests of a protocol-2 worker in flight, a caller that reads no replies itself) the
-//!   pool's owner process, which drains the pipe and sends each reply to its caller. A worker
+//!   pool's reader process (apart from the pool's server, so that a server busy in a call
+//!   holds no reply up), which drains the pipe and sends each reply to its caller. A worker
 //!   shared by several callers is not read by one of them, or every other caller would wait
 //!   for that process to be scheduled (head-of-line blocking).
 //!
@@ -36,8 +37,8 @@ pub trait Poller: Send + Sync + 'static {
 /// One worker's stdout in the BEAM's poll set.
 pub trait Watch: Send + Sync + 'static {
     fn fd(&self) -> RawFd;
-    /// Tells the pool's owner process, once, when the fd is readable. False on failure.
-    fn arm_owner(&self) -> bool;
+    /// Tells the pool's reader process, once, when the fd is readable. False on failure.
+    fn arm_reader(&self) -> bool;
     /// Disarms the fd: once this returns, no notification for it can still be sent (one
     /// already sent is in its receiver's mailbox).
     fn cancel(&self);
@@ -57,7 +58,8 @@ pub const SMALL_FRAME: usize = 16 * 1024;
 pub(crate) enum Armed {
     /// Not armed (a notification was consumed, or never armed).
     Nobody,
-    Owner,
+    /// The pool's reader process.
+    Reader,
     Caller(LeaseId, RequestId),
 }
 
