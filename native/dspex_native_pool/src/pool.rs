@@ -468,6 +468,10 @@ impl Shared {
                 None => return,
             }
         };
+        self.drain_reader(wid, &reader, how)
+    }
+
+    fn drain_reader(&self, wid: WorkerId, reader: &Arc<Reader>, how: Drain) {
         let mut state = reader.lock();
         if state.done {
             return;
@@ -509,7 +513,10 @@ impl Shared {
                 }
             }
         }
-        if how != Drain::Final {
+        if how == Drain::Final {
+            // Under the same lock: no read can start between this one and the close.
+            state.done = true;
+        } else {
             // Still under the reader's lock: the next notification finds everything read.
             retarget(&mut self.lock(), wid);
         }
@@ -545,7 +552,12 @@ fn retarget_readers(inner: &mut Inner, touched: &[WorkerId]) {
 
 /// Arms `wid`'s stdout for who should read it next, unless it already is.
 fn retarget(inner: &mut Inner, wid: WorkerId) {
-    let Inner { core, readers, .. } = inner;
+    let Inner {
+        core,
+        readers,
+        conns,
+        ..
+    } = inner;
     let Some(slot) = readers.get_mut(&wid) else {
         return;
     };
@@ -564,6 +576,13 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
         _ if watch.arm_reader() => Armed::Reader,
         _ => Armed::Nobody,
     };
+    if slot.armed == Armed::Nobody {
+        // The poller refused the descriptor: nobody would ever read this worker again.
+        // Killed, it is reported and replaced like any worker that died.
+        if let Some(conn) = conns.get(&wid) {
+            conn.signal(libc::SIGKILL);
+        }
+    }
 }
 
 /// Where [`Shared::drain`] runs.
@@ -666,13 +685,17 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
                     }
                 }
             };
-            // Disarmed first, so no notification about this pipe follows the replies and
-            // errors below; then what the worker wrote before exiting is read.
+            // Out of the pool's books first (nothing re-arms it), then disarmed, so no
+            // notification about this pipe follows the replies and errors below; then what
+            // the worker wrote before exiting is read, and the descriptor closed.
+            if let Some(p) = pool.upgrade() {
+                p.lock().readers.remove(&wid);
+            }
             reader.watch.cancel();
             if let Some(p) = pool.upgrade() {
-                p.drain(wid, Drain::Final);
+                p.drain_reader(wid, &reader, Drain::Final);
             }
-            reader.lock().done = true;
+            reader.lock().done = true; // (if the pool is gone and nothing was drained)
             reader.watch.stop();
             exit
         }
