@@ -476,6 +476,7 @@ impl Shared {
         if state.done {
             return;
         }
+        state.notified();
         let fd = reader.watch.fd();
         let mut read = 0usize;
         loop {

@@ -79,6 +79,9 @@ pub(crate) struct Reader {
 pub(crate) struct ReadState {
     buf: BytesMut,
     max_frame: usize,
+    /// The last read took less than it asked for: the pipe was empty then. One more read
+    /// would only say so again; the poller, re-armed, tells when more comes.
+    emptied: bool,
     /// End of file seen, or the stream broke: nothing more is read.
     pub done: bool,
 }
@@ -104,6 +107,7 @@ impl Reader {
             state: Mutex::new(ReadState {
                 buf: BytesMut::with_capacity(8 * 1024),
                 max_frame,
+                emptied: false,
                 done: false,
             }),
             eof: Notify::new(),
@@ -116,6 +120,11 @@ impl Reader {
 }
 
 impl ReadState {
+    /// A new notification: the pipe may hold more than was read.
+    pub fn notified(&mut self) {
+        self.emptied = false;
+    }
+
     /// The next frame, reading from `fd` while no whole frame is buffered. `limit`: a normal
     /// scheduler's budget (`Some(bytes read so far)`), `None` on a Tokio thread.
     pub fn next(&mut self, fd: RawFd, mut limit: Option<&mut usize>) -> Next {
@@ -139,6 +148,9 @@ impl ReadState {
                     return Next::Frame(self.buf.split_to(len));
                 }
             }
+            if self.emptied {
+                return Next::Empty;
+            }
             if let Some(read) = limit.as_deref() {
                 if *read >= SCHEDULER_BYTES {
                     return Next::Pause;
@@ -155,6 +167,7 @@ impl ReadState {
             match n {
                 0 => return Next::Eof,
                 n if n > 0 => {
+                    self.emptied = (n as usize) < want;
                     // SAFETY: the kernel initialised `n` bytes.
                     unsafe { self.buf.set_len(self.buf.len() + n as usize) };
                     if let Some(read) = limit.as_deref_mut() {
@@ -164,7 +177,10 @@ impl ReadState {
                 _ => {
                     let e = io::Error::last_os_error();
                     match e.kind() {
-                        io::ErrorKind::WouldBlock => return Next::Empty,
+                        io::ErrorKind::WouldBlock => {
+                            self.emptied = true;
+                            return Next::Empty;
+                        }
                         io::ErrorKind::Interrupted => continue,
                         _ => return Next::Broken(e),
                     }
@@ -206,6 +222,7 @@ mod tests {
         ReadState {
             buf: BytesMut::new(),
             max_frame,
+            emptied: false,
             done: false,
         }
     }
@@ -217,7 +234,10 @@ mod tests {
         let f = frame(br#"{"id":1,"success":true,"result":{}}"#);
         for piece in f.chunks(5) {
             assert!(matches!(s.next(r.as_raw_fd(), Some(&mut 0)), Next::Empty));
+            // Without a new notification the reader does not read again.
             write(&w, piece);
+            assert!(matches!(s.next(r.as_raw_fd(), Some(&mut 0)), Next::Empty));
+            s.notified();
         }
         match s.next(r.as_raw_fd(), Some(&mut 0)) {
             Next::Frame(body) => assert_eq!(&body[..], &f[4..]),
@@ -279,6 +299,9 @@ mod tests {
         write(&w, &frame(b"{}"));
         drop(w);
         assert!(matches!(s.next(r.as_raw_fd(), None), Next::Frame(_)));
+        // The pipe looked empty after the frame; end of file is the next notification.
+        assert!(matches!(s.next(r.as_raw_fd(), None), Next::Empty));
+        s.notified();
         assert!(matches!(s.next(r.as_raw_fd(), None), Next::Eof));
     }
 }
