@@ -387,6 +387,8 @@ defmodule DSPex.PythonBridge.NativePool do
           other
       end
 
+    flush_readable(ref)
+
     case reply do
       # The arguments hold structs: converted once (DateTime as ISO 8601...), then sent.
       :structs ->
@@ -419,6 +421,17 @@ defmodule DSPex.PythonBridge.NativePool do
         reply
     after
       wait -> {:error, {:timeout, "no reply within #{wait} ms"}}
+    end
+  end
+
+  # A worker's stdout can be armed for this caller twice (re-armed while a notification was
+  # on its way). Once the call is over it is armed for someone else, and every notification
+  # ERTS sent this caller is already in the mailbox: none outlives the call.
+  defp flush_readable(ref) do
+    receive do
+      {^ref, {:"$dspex_readable", _, _}} -> flush_readable(ref)
+    after
+      0 -> :ok
     end
   end
 
@@ -841,6 +854,8 @@ defmodule DSPex.PythonBridge.NativePool do
           other ->
             other
         end
+
+      flush_readable(ref)
 
       case reply do
         # As in run/8.

@@ -538,7 +538,9 @@ impl Shared {
 /// Re-arms the polled stdout of each worker in `touched`, and of each armed for a caller,
 /// whose reader should change (see [`crate::reader`]). Runs under the lock, before any
 /// delivery of the step is performed: a caller that is no longer the reader is disarmed
-/// before its reply is sent, so a notification meant for it always reaches it first.
+/// before its reply is sent, so every notification meant for it reaches it first. (A caller
+/// re-armed while a notification was on its way may get two; the second is in its mailbox by
+/// the time its call is over, and `NativePool` drops it then.)
 fn retarget_readers(inner: &mut Inner, touched: &[WorkerId]) {
     let ids: Vec<WorkerId> = inner
         .readers
