@@ -479,13 +479,22 @@ impl Shared {
         state.notified();
         let fd = reader.watch.fd();
         let mut read = 0usize;
+        let (started, mut frames) = (Instant::now(), 0usize);
         loop {
-            let limit = (how == Drain::Scheduler).then_some(&mut read);
-            match state.next(fd, limit) {
+            let next = if how == Drain::Scheduler && over_budget(started, frames) {
+                // A normal scheduler's share is spent (many small frames: chunk events): a
+                // Tokio task reads on (nothing was taken from the buffer for this turn).
+                Next::Large
+            } else {
+                let limit = (how == Drain::Scheduler).then_some(&mut read);
+                state.next(fd, limit)
+            };
+            match next {
                 Next::Frame(body) => {
                     // Decoded before locking, as in the Tokio reader.
                     let frame = protocol::decode_response(&body.freeze());
                     self.step(Event::Frame { worker: wid, frame });
+                    frames += 1;
                 }
                 Next::Large => {
                     // Too large for a normal scheduler: a Tokio task reads on (and re-arms).
@@ -586,6 +595,13 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
             conn.signal(libc::SIGKILL);
         }
     }
+}
+
+/// Whether a read on a normal scheduler has had its share: at most
+/// [`crate::reader::SCHEDULER_FRAMES`] frames or [`crate::reader::SCHEDULER_TIME`], well
+/// under the 1 ms a NIF may run there.
+fn over_budget(started: Instant, frames: usize) -> bool {
+    frames >= crate::reader::SCHEDULER_FRAMES || started.elapsed() >= crate::reader::SCHEDULER_TIME
 }
 
 /// Where [`Shared::drain`] runs.

@@ -14,8 +14,9 @@
 //!   for that process to be scheduled (head-of-line blocking).
 //!
 //! Whoever reads takes the reader's lock, so frames are handled in order; a read on a normal
-//! scheduler handles at most [`SCHEDULER_BYTES`] and frames up to [`SMALL_FRAME`] bytes, and
-//! hands anything larger to a Tokio task. End of file wakes the worker's task, which reports
+//! scheduler takes at most [`SCHEDULER_BYTES`] from the pipe and handles frames up to
+//! [`SMALL_FRAME`] bytes, at most [`SCHEDULER_FRAMES`] of them or for [`SCHEDULER_TIME`], and
+//! hands anything more to a Tokio task. End of file wakes the worker's task, which reports
 //! the exit; the descriptor is closed through ERTS (`ERL_NIF_SELECT_STOP`), never under it.
 
 use std::any::Any;
@@ -52,6 +53,10 @@ pub trait Watch: Send + Sync + 'static {
 pub const SCHEDULER_BYTES: usize = 64 * 1024;
 /// Largest frame body decoded on a normal scheduler; larger ones go to a Tokio task.
 pub const SMALL_FRAME: usize = 16 * 1024;
+/// Frames one read on a normal scheduler handles before a Tokio task reads on.
+pub const SCHEDULER_FRAMES: usize = 32;
+/// Time one read on a normal scheduler may take before a Tokio task reads on.
+pub const SCHEDULER_TIME: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Who the worker's stdout is armed for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -67,6 +67,10 @@ pub trait Spawner: Send + Sync + 'static {
 pub struct Conn {
     pub pid: Option<u32>,
     stdin: pipe::Sender,
+    /// Frames (or the rest of one) waiting for room in the pipe, in order; `Some` while a
+    /// Tokio task writes them. Nothing is written to the pipe past them, so frames never
+    /// interleave.
+    backlog: Mutex<Option<VecDeque<Vec<u8>>>>,
     signal: Box<dyn Fn(i32) + Send + Sync>,
     /// Last lines of stderr, for start-up failure messages.
     pub stderr_tail: Mutex<VecDeque<String>>,
@@ -81,6 +85,7 @@ impl Conn {
         Conn {
             pid,
             stdin,
+            backlog: Mutex::new(None),
             signal,
             stderr_tail: Mutex::new(VecDeque::new()),
         }
@@ -88,11 +93,17 @@ impl Conn {
 
     /// Writes `buf` without blocking the calling thread: small frames go straight into the pipe
     /// from whichever thread dispatches (a BEAM scheduler on the fast path, which saves a thread
-    /// hop per request); what the pipe cannot take now is finished by a Tokio task.
+    /// hop per request); what the pipe cannot take now is finished by a Tokio task, and frames
+    /// written meanwhile queue behind it, so no two frames ever interleave.
     ///
     /// Returns false when the pipe refused the first byte (the worker is gone and read none
     /// of it); a failure after that is the reader's to report, as the worker's exit.
     pub fn write(self: &Arc<Self>, buf: Vec<u8>) -> bool {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = backlog.as_mut() {
+            queue.push_back(buf);
+            return true;
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.stdin.try_write(&buf[done..]) {
@@ -102,21 +113,49 @@ impl Conn {
             }
         }
         if done < buf.len() {
+            let rest = if done == 0 { buf } else { buf[done..].to_vec() };
+            *backlog = Some(VecDeque::from([rest]));
             let conn = Arc::clone(self);
-            crate::runtime::spawn(async move {
-                while done < buf.len() {
-                    if conn.stdin.writable().await.is_err() {
-                        return;
-                    }
-                    match conn.stdin.try_write(&buf[done..]) {
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(_) => return,
-                    }
-                }
-            });
+            crate::runtime::spawn(async move { conn.write_backlog().await });
         }
         true
+    }
+
+    /// Writes the backlog in order as the pipe makes room, until it is empty.
+    async fn write_backlog(&self) {
+        loop {
+            let next = {
+                let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+                let queue = backlog.get_or_insert_with(VecDeque::new);
+                match queue.pop_front() {
+                    Some(frame) => frame,
+                    None => {
+                        *backlog = None;
+                        return;
+                    }
+                }
+            };
+            let mut done = 0;
+            while done < next.len() {
+                if self.stdin.writable().await.is_err() {
+                    return self.drop_backlog();
+                }
+                match self.stdin.try_write(&next[done..]) {
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return self.drop_backlog(),
+                }
+            }
+        }
+    }
+
+    /// The worker is gone: what waits is never written (its requests fail with its exit).
+    /// The backlog stays `Some`, so nothing is written to the broken pipe past it either.
+    fn drop_backlog(&self) {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = backlog.as_mut() {
+            queue.clear();
+        }
     }
 
     pub fn signal(&self, sig: i32) {
