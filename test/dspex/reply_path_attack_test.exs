@@ -74,15 +74,15 @@ defmodule DSPex.ReplyPathAttackTest do
     end)
   end
 
-  describe "DEFECT: replies that only the pool's GenServer reads" do
-    test "DEFECT: health_check through the pool's GenServer answers on a lazy pool (its process must read a starting worker's handshake while it waits for the checkout)" do
+  describe "replies that only the pool's GenServer reads" do
+    test "health_check through the pool's GenServer answers on a lazy pool (its process must read a starting worker's handshake while it waits for the checkout)" do
       opts = start_pool(pool_size: 1, lazy: true)
       # d915a24: {:error, {:unhealthy, {:pool_timeout, ...}}} after 5 s: the GenServer waits
       # in checkout/2 for the worker whose handshake only it can read.
       assert {:ok, :healthy} = GenServer.call(opts[:pool], :health_check, 30_000)
     end
 
-    test "DEFECT: replies of a shared protocol-2 worker reach their callers while the pool's GenServer is suspended (busy)" do
+    test "replies of a shared protocol-2 worker reach their callers while the pool's GenServer is suspended (busy)" do
       opts = start_pool(pool_size: 1, max_overflow: 0, env: @v2)
       suspend(owner(opts))
       first = Task.async(fn -> NativePool.execute_anonymous(:sleep, %{ms: 300}, opts) end)
@@ -93,7 +93,7 @@ defmodule DSPex.ReplyPathAttackTest do
       assert {:ok, %{"slept" => 300}} = Task.await(first, 10_000)
     end
 
-    test "DEFECT: a shared protocol-2 worker that answers its heartbeat pings is not recycled as unresponsive while the pool's GenServer is busy" do
+    test "a shared protocol-2 worker that answers its heartbeat pings is not recycled as unresponsive while the pool's GenServer is busy" do
       opts = start_pool(pool_size: 1, max_overflow: 0, env: @v2, heartbeat_timeout: 300)
       suspend(owner(opts))
       first = Task.async(fn -> NativePool.execute_anonymous(:sleep, %{ms: 1_000}, opts) end)
@@ -105,7 +105,7 @@ defmodule DSPex.ReplyPathAttackTest do
   end
 
   @tag :dspy
-  test "DEFECT: with the real DSPy bridge (protocol 2 by default), concurrent requests on one worker are answered while the pool's GenServer is suspended (busy)" do
+  test "with the real DSPy bridge (protocol 2 by default), concurrent requests on one worker are answered while the pool's GenServer is suspended (busy)" do
     opts =
       start_pool(
         pool_size: 1,
@@ -143,7 +143,7 @@ defmodule DSPex.ReplyPathAttackTest do
     assert {:ok, {:ok, %{"outputs" => _}}} = Task.yield(first, 10_000)
   end
 
-  describe "DEFECT: the arm/retarget invariants" do
+  describe "the arm/retarget invariants" do
     # A worker whose stderr outlives it (a grandchild in its own session holds it): its task
     # then waits up to 500 ms for stderr after SELECT_STOP closed stdout, before `Exited`.
     defp stderr_holding_worker do
@@ -171,7 +171,7 @@ defmodule DSPex.ReplyPathAttackTest do
           do: link
     end
 
-    test "DEFECT: a worker's stdout is not selected again after SELECT_STOP closed it (no 'Bad input fd' from ERTS, no foreign fd in the poll set)" do
+    test "a worker's stdout is not selected again after SELECT_STOP closed it (no 'Bad input fd' from ERTS, no foreign fd in the poll set)" do
       opts = start_pool(pool_size: 1, max_overflow: 0, script: stderr_holding_worker(), env: @v2)
 
       pipes = pipes(worker_pid(opts))
@@ -198,7 +198,7 @@ defmodule DSPex.ReplyPathAttackTest do
       refute log =~ "Bad input fd"
     end
 
-    test "DEFECT: a caller re-armed while its notification is pending gets no notification after its call is over" do
+    test "a caller re-armed while its notification is pending gets no notification after its call is over" do
       opts = start_pool(pool_size: 1, max_overflow: 0, env: @v2)
       res = resource(opts)
       pid = worker_pid(opts)
@@ -265,8 +265,8 @@ defmodule DSPex.ReplyPathAttackTest do
     end
   end
 
-  describe "DEFECT: concurrent requests to one protocol-2 worker (pre-dates d915a24)" do
-    test "DEFECT: a request the stdin pipe cannot take at once is not interleaved with the next request's bytes (Conn::write)" do
+  describe "concurrent requests to one protocol-2 worker (pre-dates d915a24)" do
+    test "a request the stdin pipe cannot take at once is not interleaved with the next request's bytes (Conn::write)" do
       opts = start_pool(pool_size: 1, max_overflow: 0, env: @v2)
       pid = worker_pid(opts)
       # Only the reader reads a shared worker's stdout: suspended, it lets the worker's
