@@ -1,7 +1,9 @@
 defmodule DSPex.ReplyPathAttackTest do
-  # Attacks on the reply path of d915a24 (a worker's stdout polled by ERTS with enif_select,
-  # read by the one caller waiting on it, else by the pool's GenServer), with real Python
-  # workers. Tests named "DEFECT" fail on d915a24; the others pin edge cases that hold.
+  # An adversarial run against the first version of the reply path (d915a24: a worker's
+  # stdout polled by ERTS with enif_select, read by the one caller waiting on it, else by the
+  # pool's GenServer), with real Python workers. The first seven tests failed on d915a24
+  # (the reads the GenServer alone did, a select after SELECT_STOP, a second notification,
+  # interleaved writes); the others pin edge cases that held.
   use DSPex.NativePool.PoolCase, async: false
 
   import ExUnit.CaptureLog
