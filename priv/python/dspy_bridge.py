@@ -927,6 +927,7 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # the pool's default max_frame_size
 FRAME_LIMIT = (1 << 32) - 1  # what a 4-byte length can say
 FEATURES = ["cancel", "chunks", "tool_calls"]
 SMALL_FRAME = 64 * 1024  # frames up to this size are parsed on the reader thread (to spot pings)
+WARM_UP_ROUNDS = 8  # request-path runs before the handshake (CPython specialises after 8 calls)
 
 
 class Wire:
@@ -1064,24 +1065,61 @@ class Server:
         # A ping is answered here, at once, under protocol 2 (replies may
         # leave in any order) and under protocol 1 when nothing is pending
         # (so the reply order is kept). The handshake goes to the loop.
-        if len(body) <= SMALL_FRAME and self.loop is not None and (
-                self.protocol >= 2 or self._submitted == self._finished):
-            try:
-                request = decode(body)
-            except ValueError:
-                request = None  # the loop answers it as unparseable
-            if isinstance(request, dict) and request.get("command") == "ping" and self._valid_id(request):
-                args = request.get("args", {})
-                args = {} if args is None else args
-                if isinstance(args, dict) and not args.get("handshake"):
-                    self.wire.send({"id": request["id"], "success": True, "result": self._ping_result(args)})
-                    return
+        if self.loop is not None and (self.protocol >= 2 or self._submitted == self._finished):
+            answered, request = self._answer_ping(body, self.wire)
+            if answered:
+                return
         with self._attach_lock:
             self._submitted += 1  # written by this thread only
             if self.loop is None:
                 self._backlog.append((body, request))
                 return
         self.loop.call_soon_threadsafe(self._dispatch, body, request)
+
+    def _answer_ping(self, body: bytes, wire: Wire) -> tuple[bool, Any]:
+        """Answer `body` on `wire` if it is a plain ping (not a handshake).
+        Returns whether it did, and the request if `body` was small enough to parse."""
+        if len(body) > SMALL_FRAME:
+            return False, None
+        try:
+            request = decode(body)
+        except ValueError:
+            return False, None  # the loop answers it as unparseable
+        if isinstance(request, dict) and request.get("command") == "ping" and self._valid_id(request):
+            args = request.get("args", {})
+            args = {} if args is None else args
+            if isinstance(args, dict) and not args.get("handshake"):
+                wire.send({"id": request["id"], "success": True, "result": self._ping_result(args)})
+                return True, request
+        return False, request
+
+    def warm_up(self, rounds: int = WARM_UP_ROUNDS) -> None:
+        """Run the reader's ping path `rounds` times over a private pipe; `main` does this
+        before the handshake is answered.
+
+        Otherwise a fresh worker's first request pays for being the first in this process
+        to run that path: in a worker forked from the fork server, each page of the shared
+        import that a reference count or an allocation on it writes is copied then (some 80
+        page faults on a bare fork; a real worker's handshake already takes most of them),
+        and each function on it runs unspecialised (CPython specialises after 8 calls).
+        Paid here, it is part of start-up: about 0.5 ms, before the worker is ready.
+        """
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:
+            log.warning("request path not warmed up: %s", exc)
+            return
+        wire = Wire(read_fd, write_fd, self.wire.max_frame)
+        try:
+            for request_id in range(1, rounds + 1):
+                write_frame(write_fd, encode({"id": request_id, "command": "ping", "args": {}}))
+                body = read_exact(read_fd, int.from_bytes(read_exact(read_fd, 4), "big"))
+                if not self._answer_ping(body, wire)[0]:
+                    raise RuntimeError(f"warm-up ping {request_id} was not answered")
+                decode(read_exact(read_fd, int.from_bytes(read_exact(read_fd, 4), "big")))
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
 
     # -- loop thread
 
@@ -1292,8 +1330,11 @@ def main(argv: list[str] | None = None) -> None:
     # This also makes the main thread DSPy's config owner.
     dspy.configure(disable_history=True, max_trace_size=0)
 
-    log.info("worker %s ready (mode %s, dspy %s, pid %d, %.2fs)", opts.worker_id or "-", opts.mode,
-             dspy.__version__, os.getpid(), time.monotonic() - started)
+    warm_started = time.monotonic()
+    server.warm_up()
+    log.info("worker %s ready (mode %s, dspy %s, pid %d, %.2fs, request path warmed in %.2f ms)",
+             opts.worker_id or "-", opts.mode, dspy.__version__, os.getpid(), time.monotonic() - started,
+             (time.monotonic() - warm_started) * 1000)
     asyncio.run(server.run())
 
 

@@ -320,8 +320,24 @@ defmodule DSPex.PythonBridge.NativePoolTest do
       checkouts = for _ <- 1..3, do: elem(NativePool.checkout(:anonymous, opts), 1)
       calls = for c <- checkouts, do: elem(NativePool.call(c, :stats, %{}), 1)["calls"]
       Enum.each(checkouts, &NativePool.checkin/1)
-      # Each: the start-up ping, one health ping, and this `stats`.
+      # Each: the handshake, start-up's warm-up ping, one health ping, and this `stats`.
+      assert calls == [4, 4, 4]
+    end
+
+    test "an eager pool's start-up ends with one ping to every worker through the callers' path" do
+      opts = start_pool(pool_size: 3)
+      # Counted before anyone called: one request per worker (handshakes are not requests).
+      assert %{counters: %{requests: 3, errors: 0}, ready: 3, busy: 0} = status(opts)
+
+      checkouts = for _ <- 1..3, do: elem(NativePool.checkout(:anonymous, opts), 1)
+      calls = for c <- checkouts, do: elem(NativePool.call(c, :stats, %{}), 1)["calls"]
+      Enum.each(checkouts, &NativePool.checkin/1)
+      # Each worker: its handshake, start-up's ping, and this `stats`.
       assert calls == [3, 3, 3]
+
+      # A lazy pool has no worker to warm up when start_link returns.
+      lazy = start_pool(pool_size: 2, lazy: true)
+      assert %{counters: %{requests: 0}, ready: 0} = status(lazy)
     end
 
     test "a lazy pool whose python cannot start reports why, and fails fast" do

@@ -355,6 +355,7 @@ defmodule DSPex.NativePool.Server do
     case wait_until_ready(opts, state) do
       :ok ->
         :ok = Registry.publish([name, pool_name(name)], pool)
+        warm_up(opts)
 
         Logger.info(
           "DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})"
@@ -375,6 +376,27 @@ defmodule DSPex.NativePool.Server do
       {:exit, reason} ->
         stop_pool(state)
         {:stop, reason}
+    end
+  end
+
+  # An eager pool's last start-up step: every worker answers one ping through the path callers
+  # use (checkout, request, reply, checkin), as `health_check/1` does. The handshakes ran on
+  # the pool's own start-up path, at each worker's own moment; without this step the callers'
+  # first requests are the first on theirs, after every thread on it (the pool's, each worker's
+  # reader) sat idle since that worker's handshake, and are measurably slower than the requests
+  # right after them. A worker that fails this ping is replaced as after any failed request;
+  # start-up does not fail for it.
+  defp warm_up(opts) do
+    if not opts[:lazy] do
+      case NativePool.health_check(pool: opts[:name], timeout: opts[:start_timeout]) do
+        {:ok, :healthy} ->
+          :ok
+
+        {:error, reason} ->
+          Logger.warning(
+            "DSPex native pool #{inspect(opts[:name])}: a worker failed its first ping: #{inspect(reason)}"
+          )
+      end
     end
   end
 
