@@ -350,7 +350,7 @@ defmodule DSPex.NativePool.Server do
 
     case wait_until_ready(opts, state) do
       :ok ->
-        unless opts[:lazy], do: warm_up(pool, opts[:start_timeout])
+        unless opts[:lazy], do: warm_up(state, opts[:start_timeout])
         :ok = Registry.publish([name, pool_name(name)], pool)
 
         Logger.info(
@@ -382,30 +382,67 @@ defmodule DSPex.NativePool.Server do
   # it (the pool's, each worker's reader) sat idle since that worker's handshake, and slower
   # than the requests right after them (issue 9). A worker that fails this ping is replaced as
   # after any failed request; start-up does not fail for it.
-  defp warm_up(pool, timeout) do
-    leases = hold_ready_workers(pool.resource, Native.status(pool.resource).ready, [])
+  defp warm_up(state, timeout) do
+    resource = state.pool.resource
+    leases = hold_ready_workers(resource, Native.status(resource).ready, [])
 
     try do
-      pinged =
-        for lease <- leases do
-          ref = make_ref()
-          {ref, Native.call(lease, ref, "ping", %{}, timeout)}
+      pending =
+        for lease <- leases, reduce: %{} do
+          pending ->
+            ref = make_ref()
+
+            case Native.call(lease, ref, "ping", %{}, timeout) do
+              :ok ->
+                Map.put(pending, ref, true)
+
+              other ->
+                warn_warm_up(state.pool, other)
+                pending
+            end
         end
 
-      deadline = System.monotonic_time(:millisecond) + timeout
-
-      for {ref, :ok} <- pinged do
-        receive do
-          {^ref, {:ok, _}} -> :ok
-          {^ref, other} -> warn_warm_up(pool, other)
-        after
-          max(deadline - System.monotonic_time(:millisecond), 0) -> warn_warm_up(pool, :timeout)
-        end
-      end
-
-      for {_ref, other} <- pinged, other != :ok, do: warn_warm_up(pool, other)
+      await_pings(pending, System.monotonic_time(:millisecond) + timeout, state)
     after
       Enum.each(leases, &Native.checkin/1)
+    end
+
+    # Worker stderr forwarded meanwhile (the workers' "ready" lines) is logged now, before
+    # start_link returns, not while the first callers' requests run.
+    flush_native(state)
+  end
+
+  defp await_pings(pending, _deadline, _state) when map_size(pending) == 0, do: :ok
+
+  defp await_pings(pending, deadline, state) do
+    receive do
+      {ref, reply} when is_map_key(pending, ref) ->
+        if not match?({:ok, _}, reply), do: warn_warm_up(state.pool, reply)
+        await_pings(Map.delete(pending, ref), deadline, state)
+
+      {:dspex_native_pool_logs, _, _} = message ->
+        handle_native(message, state)
+        await_pings(pending, deadline, state)
+
+      {:dspex_native_pool_event, _, _, _} = message ->
+        handle_native(message, state)
+        await_pings(pending, deadline, state)
+    after
+      max(deadline - System.monotonic_time(:millisecond), 0) -> warn_warm_up(state.pool, :timeout)
+    end
+  end
+
+  defp flush_native(state) do
+    receive do
+      {:dspex_native_pool_logs, _, _} = message ->
+        handle_native(message, state)
+        flush_native(state)
+
+      {:dspex_native_pool_event, _, _, _} = message ->
+        handle_native(message, state)
+        flush_native(state)
+    after
+      0 -> :ok
     end
   end
 
