@@ -354,8 +354,8 @@ defmodule DSPex.NativePool.Server do
 
     case wait_until_ready(opts, state) do
       :ok ->
+        unless opts[:lazy], do: warm_up(state, opts[:start_timeout])
         :ok = Registry.publish([name, pool_name(name)], pool)
-        warm_up(opts)
 
         Logger.info(
           "DSPex native pool #{inspect(name)} started (pool_size: #{opts[:pool_size]}, max_overflow: #{opts[:max_overflow]})"
@@ -379,25 +379,99 @@ defmodule DSPex.NativePool.Server do
     end
   end
 
-  # An eager pool's last start-up step: every worker answers one ping through the path callers
-  # use (checkout, request, reply, checkin), as `health_check/1` does. The handshakes ran on
-  # the pool's own start-up path, at each worker's own moment; without this step the callers'
-  # first requests are the first on theirs, after every thread on it (the pool's, each worker's
-  # reader) sat idle since that worker's handshake, and are measurably slower than the requests
-  # right after them. A worker that fails this ping is replaced as after any failed request;
-  # start-up does not fail for it.
-  defp warm_up(opts) do
-    if not opts[:lazy] do
-      case NativePool.health_check(pool: opts[:name], timeout: opts[:start_timeout]) do
-        {:ok, :healthy} ->
-          :ok
+  # An eager pool's last start-up step, before callers can see it: every worker answers one
+  # ping through the path callers use (checkout, request, reply, checkin), all at once. The
+  # handshakes ran on the pool's own start-up path, each at its worker's own moment; without
+  # this step the callers' first requests would be the first on theirs, after every thread on
+  # it (the pool's, each worker's reader) sat idle since that worker's handshake, and slower
+  # than the requests right after them (issue 9). A worker that fails this ping is replaced as
+  # after any failed request; start-up does not fail for it.
+  defp warm_up(state, timeout) do
+    resource = state.pool.resource
+    leases = hold_ready_workers(resource, Native.status(resource).ready, [])
 
-        {:error, reason} ->
-          Logger.warning(
-            "DSPex native pool #{inspect(opts[:name])}: a worker failed its first ping: #{inspect(reason)}"
-          )
-      end
+    try do
+      pending =
+        for lease <- leases, reduce: %{} do
+          pending ->
+            ref = make_ref()
+
+            case Native.call(lease, ref, "ping", %{}, timeout) do
+              :ok ->
+                Map.put(pending, ref, true)
+
+              other ->
+                warn_warm_up(state.pool, other)
+                pending
+            end
+        end
+
+      await_pings(pending, System.monotonic_time(:millisecond) + timeout, state)
+    after
+      Enum.each(leases, &Native.checkin/1)
     end
+
+    # Worker stderr forwarded meanwhile (the workers' "ready" lines) is logged now, before
+    # start_link returns, not while the first callers' requests run.
+    flush_native(state)
+  end
+
+  defp await_pings(pending, _deadline, _state) when map_size(pending) == 0, do: :ok
+
+  defp await_pings(pending, deadline, state) do
+    receive do
+      {ref, reply} when is_map_key(pending, ref) ->
+        if not match?({:ok, _}, reply), do: warn_warm_up(state.pool, reply)
+        await_pings(Map.delete(pending, ref), deadline, state)
+
+      {:dspex_native_pool_logs, _, _} = message ->
+        handle_native(message, state)
+        await_pings(pending, deadline, state)
+
+      {:dspex_native_pool_event, _, _, _} = message ->
+        handle_native(message, state)
+        await_pings(pending, deadline, state)
+    after
+      max(deadline - System.monotonic_time(:millisecond), 0) -> warn_warm_up(state.pool, :timeout)
+    end
+  end
+
+  defp flush_native(state) do
+    receive do
+      {:dspex_native_pool_logs, _, _} = message ->
+        handle_native(message, state)
+        flush_native(state)
+
+      {:dspex_native_pool_event, _, _, _} = message ->
+        handle_native(message, state)
+        flush_native(state)
+    after
+      0 -> :ok
+    end
+  end
+
+  # One checkout per ready worker, each held until all are pinged, so each lands on its own.
+  defp hold_ready_workers(_resource, 0, held), do: held
+
+  defp hold_ready_workers(resource, n, held) do
+    case Native.checkout(resource, make_ref(), :anonymous, 0) do
+      {:ok, lease} ->
+        hold_ready_workers(resource, n - 1, [lease | held])
+
+      # Not expected before the pool is published: nobody else holds a worker.
+      {:queued, lease} ->
+        Native.checkin(lease)
+        held
+
+      {:error, _} ->
+        held
+    end
+  end
+
+  defp warn_warm_up(pool, reason) do
+    Logger.warning(
+      "DSPex native pool #{inspect(pool.name)}: a worker failed its first ping: #{inspect(reason)}"
+    )
   end
 
   # A parent that traps exits (a supervisor) stops this pool with an exit signal and waits up
