@@ -396,7 +396,8 @@ defmodule DSPex.NativePool.Server do
           pending ->
             ref = make_ref()
 
-            case Native.call(lease, ref, "ping", %{}, timeout) do
+            # `true`: this process reads the replies itself, as callers do.
+            case Native.call(lease, ref, "ping", %{}, timeout, true) do
               :ok ->
                 Map.put(pending, ref, true)
 
@@ -420,9 +421,14 @@ defmodule DSPex.NativePool.Server do
 
   defp await_pings(pending, deadline, state) do
     receive do
+      {ref, {:"$dspex_readable", worker, lease}} when is_map_key(pending, ref) ->
+        case Native.read(state.pool.resource, worker, lease) do
+          :wait -> await_pings(pending, deadline, state)
+          reply -> await_pings(ping_done(pending, ref, reply, state), deadline, state)
+        end
+
       {ref, reply} when is_map_key(pending, ref) ->
-        if not match?({:ok, _}, reply), do: warn_warm_up(state.pool, reply)
-        await_pings(Map.delete(pending, ref), deadline, state)
+        await_pings(ping_done(pending, ref, reply, state), deadline, state)
 
       {:dspex_native_pool_logs, _, _} = message ->
         handle_native(message, state)
@@ -434,6 +440,11 @@ defmodule DSPex.NativePool.Server do
     after
       max(deadline - System.monotonic_time(:millisecond), 0) -> warn_warm_up(state.pool, :timeout)
     end
+  end
+
+  defp ping_done(pending, ref, reply, state) do
+    if not match?({:ok, _}, reply), do: warn_warm_up(state.pool, reply)
+    Map.delete(pending, ref)
   end
 
   defp flush_native(state) do
