@@ -645,6 +645,9 @@ defmodule DSPex.NativePool.Server do
   # in a call never holds up a reply. It ends with the server.
   def reader(server) do
     monitor = Process.monitor(server)
+    # Ahead of callers on the run queues: while callers queue, it dispatches each worker's next
+    # request as it reads the reply (a few µs per frame).
+    Process.flag(:priority, :high)
 
     receive do
       {:resource, resource} -> read(resource, monitor)

@@ -573,8 +573,12 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
     let Some(slot) = readers.get_mut(&wid) else {
         return;
     };
+    // While callers wait in the queue, the reader reads: it hands the worker its next request
+    // at once, where a caller would first wait its turn on a busy scheduler, the worker idle.
     let want = match core.sole_caller(wid) {
-        Some((lease, rid)) if core.reply_of(lease).is_some_and(|r| r.reads_itself()) => {
+        Some((lease, rid))
+            if !core.has_waiters() && core.reply_of(lease).is_some_and(|r| r.reads_itself()) =>
+        {
             Armed::Caller(lease, rid)
         }
         _ => Armed::Reader,

@@ -409,6 +409,11 @@ impl<R> Core<R> {
             .map(|w| (w.callers_in_flight(), w.capacity))
     }
 
+    /// Whether callers wait in the queue for a worker (the pool is saturated).
+    pub fn has_waiters(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
     /// The one caller request in flight on `worker`, when it has exactly one (its lease and
     /// request id): whoever waits for it may read the worker's replies itself.
     pub fn sole_caller(&self, worker: WorkerId) -> Option<(LeaseId, RequestId)> {
