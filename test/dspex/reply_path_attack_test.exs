@@ -26,10 +26,20 @@ defmodule DSPex.ReplyPathAttackTest do
     for {_ref, {:"$dspex_readable", _, _}} = m <- messages, do: m
   end
 
-  # Suspends the pool's GenServer (a busy one, deterministically). A watcher resumes it when
-  # the test process ends, so the GenServer can stop its pool within its shutdown time.
+  # Suspends the pool's GenServer (a busy one, deterministically), resumed when the test
+  # process ends, so the GenServer can stop its pool within its shutdown time.
   defp suspend(pid) do
     :sys.suspend(pid)
+    resume_at_exit(fn -> :sys.resume(pid) end)
+  end
+
+  # Suspends the pool's reader process; resumed when the test process ends.
+  defp suspend_reader(pid) do
+    :erlang.suspend_process(pid)
+    resume_at_exit(fn -> :erlang.resume_process(pid) end)
+  end
+
+  defp resume_at_exit(resume) do
     test = self()
 
     spawn(fn ->
@@ -38,9 +48,10 @@ defmodule DSPex.ReplyPathAttackTest do
       receive do
         {:DOWN, ^ref, _, _, _} ->
           try do
-            :sys.resume(pid)
+            resume.()
           catch
-            :exit, _ -> :ok
+            # Already gone with its pool.
+            _, _ -> :ok
           end
       end
     end)
@@ -53,25 +64,6 @@ defmodule DSPex.ReplyPathAttackTest do
       case File.read(f) do
         {:ok, wchan} -> wchan =~ "pipe_write"
         _ -> false
-      end
-    end)
-  end
-
-  # Suspends the pool's reader process; resumed when the test process ends.
-  defp suspend_reader(pid) do
-    :erlang.suspend_process(pid)
-    test = self()
-
-    spawn(fn ->
-      ref = Process.monitor(test)
-
-      receive do
-        {:DOWN, ^ref, _, _, _} ->
-          try do
-            :erlang.resume_process(pid)
-          catch
-            :error, _ -> :ok
-          end
       end
     end)
   end

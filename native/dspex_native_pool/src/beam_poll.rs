@@ -258,14 +258,19 @@ pub fn send(
         }),
         None => {
             let mut msg_env = msg_env;
-            let go = move || {
+            off_scheduler(move || {
                 let _ = msg_env.send_and_clear(&pid, build);
-            };
-            if crate::runtime::on_runtime_thread() {
-                go()
-            } else {
-                crate::runtime::spawn(async move { go() });
-            }
+            });
         }
+    }
+}
+
+/// Runs `f` with an env it may send from: directly on a runtime thread, else (a scheduler
+/// thread, where `OwnedEnv::send_and_clear` would panic) on the runtime.
+pub fn off_scheduler(f: impl FnOnce() + Send + 'static) {
+    if crate::runtime::on_runtime_thread() {
+        f()
+    } else {
+        crate::runtime::spawn(async move { f() });
     }
 }

@@ -9,7 +9,7 @@ use rustler::{Atom, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, Resou
 
 use std::sync::Arc;
 
-use crate::beam_poll::{in_nif, BeamPoller, BeamWatch};
+use crate::beam_poll::{in_nif, off_scheduler, BeamPoller, BeamWatch};
 use crate::checkout::{CheckoutHandle, Shared, LIVE};
 use crate::error::{PoolError, Reason};
 use crate::pool::{Acquired, Delivery, EventSink, Mode, Pool, PoolConfig, ReplySink, Request};
@@ -39,16 +39,6 @@ pub struct PoolResource {
 
 #[rustler::resource_impl]
 impl Resource for PoolResource {}
-
-/// Runs `f` with an env it may send from: directly on a runtime thread, else (a scheduler
-/// thread, where `OwnedEnv::send_and_clear` would panic) on the runtime.
-fn off_scheduler(f: impl FnOnce() + Send + 'static) {
-    if crate::runtime::on_runtime_thread() {
-        f()
-    } else {
-        crate::runtime::spawn(async move { f() });
-    }
-}
 
 /// What a caller receives for a delivery: `:ok`, `{:ok, term}` or `{:error, reason}`.
 fn payload<'a>(env: Env<'a>, delivery: &Delivery) -> Term<'a> {

@@ -27,7 +27,7 @@ use dspex_pool_core::{Core, Effect, Event, Outcome};
 use crate::error::PoolError;
 use crate::protocol;
 use crate::reader::{Armed, Next, Poller, Reader, Slot, Watch};
-use crate::worker::{self, Conn, Spawner, Stdout};
+use crate::worker::{self, Conn, ExitFuture, Spawner, Stdout};
 
 /// Where a [`Delivery`] goes: a BEAM process in production, a channel in tests.
 pub trait ReplySink: Send + 'static {
@@ -551,14 +551,16 @@ impl Shared {
 /// re-armed while a notification was on its way may get two; the second is in its mailbox by
 /// the time its call is over, and `NativePool` drops it then.)
 fn retarget_readers(inner: &mut Inner, touched: &[WorkerId]) {
-    let ids: Vec<WorkerId> = inner
-        .readers
-        .iter()
-        .filter(|(wid, slot)| matches!(slot.armed, Armed::Caller(..)) || touched.contains(wid))
-        .map(|(wid, _)| *wid)
-        .collect();
-    for wid in ids {
-        retarget(inner, wid);
+    let Inner {
+        core,
+        readers,
+        conns,
+        ..
+    } = inner;
+    for (wid, slot) in readers.iter_mut() {
+        if matches!(slot.armed, Armed::Caller(..)) || touched.contains(wid) {
+            retarget_slot(core, conns, *wid, slot);
+        }
     }
 }
 
@@ -570,9 +572,17 @@ fn retarget(inner: &mut Inner, wid: WorkerId) {
         conns,
         ..
     } = inner;
-    let Some(slot) = readers.get_mut(&wid) else {
-        return;
-    };
+    if let Some(slot) = readers.get_mut(&wid) {
+        retarget_slot(core, conns, wid, slot);
+    }
+}
+
+fn retarget_slot(
+    core: &Core<Reply>,
+    conns: &HashMap<WorkerId, Arc<Conn>>,
+    wid: WorkerId,
+    slot: &mut Slot,
+) {
     // While callers wait in the queue, the reader reads: it hands the worker its next request
     // at once, where a caller would first wait its turn on a busy scheduler, the worker idle.
     let want = match core.sole_caller(wid) {
@@ -696,17 +706,7 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
         Polled::Beam(reader) => {
             let exit = tokio::select! {
                 exit = &mut exit_fut => exit,
-                _ = reader.eof.notified() => {
-                    // stdout closed: the process is exiting, or it closed fd 1 and can no
-                    // longer answer. Either way it is done.
-                    match tokio::time::timeout(Duration::from_millis(500), &mut exit_fut).await {
-                        Ok(exit) => exit,
-                        Err(_) => {
-                            conn.signal(libc::SIGKILL);
-                            exit_fut.await
-                        }
-                    }
-                }
+                _ = reader.eof.notified() => exit_after_eof(&conn, &mut exit_fut).await,
             };
             // Out of the pool's books first (nothing re-arms it), then disarmed, so no
             // notification about this pipe follows the replies and errors below; then what
@@ -745,6 +745,18 @@ async fn run_worker(pool: Weak<Shared>, wid: WorkerId) {
     }
 }
 
+/// The worker's stdout closed: the process is exiting, or it closed fd 1 and can no longer
+/// answer. Either way it is done: its exit, killed if it has not come within 500 ms.
+async fn exit_after_eof(conn: &Conn, exit: &mut ExitFuture) -> crate::error::ExitInfo {
+    match tokio::time::timeout(Duration::from_millis(500), &mut *exit).await {
+        Ok(exit) => exit,
+        Err(_) => {
+            conn.signal(libc::SIGKILL);
+            exit.await
+        }
+    }
+}
+
 /// How a worker's stdout is read.
 enum Polled {
     /// By a Tokio task ([`read_frames`]).
@@ -771,9 +783,7 @@ async fn read_frames(
     wid: WorkerId,
     conn: &Arc<Conn>,
     stdout: worker::BoxRead,
-    exit_fut: &mut std::pin::Pin<
-        Box<dyn std::future::Future<Output = crate::error::ExitInfo> + Send>,
-    >,
+    exit_fut: &mut ExitFuture,
     max_frame: usize,
 ) -> crate::error::ExitInfo {
     let mut frames = FramedRead::new(stdout, protocol::codec(max_frame));
@@ -799,17 +809,7 @@ async fn read_frames(
                     conn.signal(libc::SIGKILL);
                     break exit_fut.await;
                 }
-                None => {
-                    // stdout closed: the process is exiting, or it closed fd 1 and can no
-                    // longer answer. Either way it is done.
-                    match tokio::time::timeout(Duration::from_millis(500), &mut *exit_fut).await {
-                        Ok(exit) => break exit,
-                        Err(_) => {
-                            conn.signal(libc::SIGKILL);
-                            break exit_fut.await;
-                        }
-                    }
-                }
+                None => break exit_after_eof(conn, exit_fut).await,
             },
             exit = &mut *exit_fut => {
                 // Replies written just before exiting are still in the pipe.

@@ -25,6 +25,9 @@ use crate::zygote;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 
+/// Resolves once the process has exited and been reaped.
+pub type ExitFuture = Pin<Box<dyn Future<Output = ExitInfo> + Send>>;
+
 /// A worker's stdout: a pipe the pool may hand to the BEAM's poller (a real process), or any
 /// byte stream (in-process fake workers).
 pub enum Stdout {
@@ -49,7 +52,7 @@ pub struct Spawned {
     pub stdout: Stdout,
     pub stderr: Option<BoxRead>,
     /// Resolves once the process has exited and been reaped.
-    pub exit: Pin<Box<dyn Future<Output = ExitInfo> + Send>>,
+    pub exit: ExitFuture,
     /// Sends a signal (SIGTERM, SIGKILL) to the worker and its process group.
     pub signal: Box<dyn Fn(i32) + Send + Sync>,
 }
