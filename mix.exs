@@ -39,12 +39,11 @@ defmodule Mix.Tasks.Compile.DspexNative do
     root = Path.dirname(Mix.Project.project_file())
     target = Path.join(root, "priv/native/#{@crate}.so")
 
+    # Every crate of the workspace: the NIF links the pool's core crate.
     sources =
-      Path.wildcard(Path.join(root, "native/#{@crate}/src/**/*.rs")) ++
-        Enum.map(
-          ["Cargo.toml", "Cargo.lock", "native/#{@crate}/Cargo.toml"],
-          &Path.join(root, &1)
-        )
+      Path.wildcard(Path.join(root, "native/*/src/**/*.rs")) ++
+        Path.wildcard(Path.join(root, "native/*/Cargo.toml")) ++
+        Enum.map(["Cargo.toml", "Cargo.lock"], &Path.join(root, &1))
 
     if Mix.Utils.stale?(sources, [target]) do
       build(root, target)

@@ -143,6 +143,36 @@ defmodule DSPex.PythonBridge.NativePoolLifecycleTest do
     assert alive?(pid_b)
   end
 
+  test "a checkout of a stopped pool says the pool stopped; checking it in is still :ok" do
+    opts = start_pool(pool_size: 1)
+    {:ok, checkout} = NativePool.checkout(:anonymous, opts)
+    :ok = stop_supervised(opts[:pool])
+
+    # Before: "this checkout's worker was recycled (a request timed out or failed)".
+    assert {:error, {:checkout_failed, "the pool is stopping"}} =
+             NativePool.call(checkout, :ping, %{})
+
+    assert :ok = NativePool.checkin(checkout)
+  end
+
+  test "a %Checkout{} built by hand gets a clear error from call/4 and checkin/1" do
+    opts = start_pool(pool_size: 1)
+    {:ok, real} = NativePool.checkout(:anonymous, opts)
+    forged = %{real | lease: make_ref()}
+
+    # Before: both raised a bare ArgumentError ("argument error") from the NIF.
+    assert {:error, {:checkout_failed, "not a checkout made by checkout/2" <> _}} =
+             NativePool.call(forged, :ping, %{})
+
+    assert_raise ArgumentError, ~r/not a checkout made by checkout\/2.*got: #Reference/, fn ->
+      NativePool.checkin(forged)
+    end
+
+    # The real checkout is untouched by either.
+    assert {:ok, _} = NativePool.call(real, :ping, %{})
+    assert :ok = NativePool.checkin(real)
+  end
+
   test "a request sent to a worker that died while idle runs on its replacement" do
     opts = start_pool(pool_size: 1)
 

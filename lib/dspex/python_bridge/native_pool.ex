@@ -908,9 +908,17 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
-  @doc "Returns a checked-out worker to the pool. Idempotent."
+  @doc """
+  Returns a checked-out worker to the pool. Idempotent. Raises `ArgumentError` for a
+  `%Checkout{}` that `checkout/2` did not make.
+  """
   @spec checkin(Checkout.t()) :: :ok
-  def checkin(%Checkout{lease: lease}), do: Native.checkin(lease)
+  def checkin(%Checkout{lease: lease}) do
+    case Native.checkin(lease) do
+      :ok -> :ok
+      {:error, {:checkout_failed, why}} -> raise ArgumentError, "#{why}, got: #{inspect(lease)}"
+    end
+  end
 
   @doc """
   Checks out a worker, runs `fun.(checkout)` and checks it in, even if `fun` raises.

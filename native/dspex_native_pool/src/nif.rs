@@ -502,7 +502,7 @@ fn checkout<'a>(
 #[rustler::nif]
 fn call<'a>(
     env: Env<'a>,
-    lease: ResourceArc<CheckoutHandle>,
+    lease: Term<'a>,
     reference: Term<'a>,
     command: Term<'a>,
     arguments: Term<'a>,
@@ -522,7 +522,7 @@ fn call<'a>(
 #[rustler::nif(schedule = "DirtyCpu")]
 fn call_dirty<'a>(
     env: Env<'a>,
-    lease: ResourceArc<CheckoutHandle>,
+    lease: Term<'a>,
     reference: Term<'a>,
     command: Term<'a>,
     arguments: Term<'a>,
@@ -541,10 +541,13 @@ fn call_dirty<'a>(
 
 fn call_impl<'a>(
     env: Env<'a>,
-    lease: ResourceArc<CheckoutHandle>,
+    lease: Term<'a>,
     call: Call<'a>,
     on: Scheduler,
 ) -> NifResult<Term<'a>> {
+    let Some(lease) = checkout_handle(lease) else {
+        return Ok(error(env, PoolError::CheckoutFailed(NOT_A_CHECKOUT.into())));
+    };
     let command = decode_command(call.command)?;
     let args = match encode_args(call.arguments, &command, lease.shared.max_frame_size, on) {
         Args::Json(a) => a,
@@ -608,10 +611,21 @@ fn control_impl<'a>(
     }
 }
 
+/// Returns `:ok`, or `{:error, {:checkout_failed, _}}` for a term that is no checkout's lease.
 #[rustler::nif]
-fn checkin(env: Env, lease: ResourceArc<CheckoutHandle>) -> Atom {
+fn checkin<'a>(env: Env<'a>, lease: Term<'a>) -> Term<'a> {
+    let Some(lease) = checkout_handle(lease) else {
+        return error(env, PoolError::CheckoutFailed(NOT_A_CHECKOUT.into()));
+    };
     in_nif(env, None, || lease.shared.pool.release(lease.id));
-    atoms::ok()
+    atoms::ok().encode(env)
+}
+
+const NOT_A_CHECKOUT: &str = "not a checkout made by checkout/2 (its lease is no worker lease)";
+
+/// A checkout's lease, or `None` for any other term (a `%Checkout{}` built by hand).
+fn checkout_handle(lease: Term) -> Option<ResourceArc<CheckoutHandle>> {
+    lease.decode().ok()
 }
 
 /// Reads what `worker` wrote, for the caller of `lease` whose `receive` got

@@ -515,6 +515,66 @@ fn scan(buf: &[u8], from: usize) -> (usize, bool) {
     (i, high != 0)
 }
 
+/// A JSON object's top-level members, each value kept as the text it was written as: read and
+/// written again at any depth, with no recursion (what a `serde_json::Value` could not do past
+/// 128 levels). A repeated key: the last one counts, as in serde_json.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RawObject(Vec<(String, Box<[u8]>)>);
+
+impl RawObject {
+    /// The members of `text`; `None` when it is not one valid JSON object.
+    pub fn parse(text: &[u8]) -> Option<RawObject> {
+        let mut reader = Reader::new(text, usize::MAX);
+        if reader.next_event().ok()? != Event::StartObject {
+            return None;
+        }
+        let mut object = RawObject::default();
+        while let Event::Key(k) = reader.next_event().ok()? {
+            let value = reader.skip_value().ok()?;
+            object.insert(&k, &text[value]);
+        }
+        reader.finish().ok()?;
+        Some(object)
+    }
+
+    /// The text of `key`'s value.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| &**v)
+    }
+
+    /// `key`'s value when it is a JSON string.
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        match Reader::new(self.get(key)?, 0).next_event() {
+            Ok(Event::Str(s)) => Some(s.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Sets `key` to the JSON text `value` (which must be one valid JSON value).
+    pub fn insert(&mut self, key: &str, value: &[u8]) {
+        self.remove(key);
+        self.0.push((key.to_owned(), value.into()));
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
+    }
+
+    /// Appends the object's JSON text to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut *out, k).expect("a string serialises");
+            out.push(b':');
+            out.extend_from_slice(v);
+        }
+        out.push(b'}');
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

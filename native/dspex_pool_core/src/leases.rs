@@ -277,6 +277,9 @@ impl<R> Core<R> {
             fx.push(Effect::Discard(reply));
             Err(PoolError::CheckoutFailed(why.into()))
         };
+        if self.closed {
+            return refuse(fx, reply, "the pool is stopping");
+        }
         let Some(entry) = self.leases.get(&lease) else {
             return refuse(
                 fx,

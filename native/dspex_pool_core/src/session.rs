@@ -6,7 +6,7 @@
 //! next request. Only what the commands say is recorded: program specs and the session's
 //! `configure_lm` arguments, not Python objects mutated in place (use `:strict` for those).
 
-use serde_json::{json, Map, Value};
+use crate::json::RawObject;
 
 /// A session's recorded state. `generation` grows with every change.
 #[derive(Debug, Default)]
@@ -14,8 +14,10 @@ pub struct SessionRecord {
     /// Unique to this record among all the pool's records, ended ones included.
     pub epoch: u64,
     pub generation: u64,
-    programs: Vec<(String, Value)>,
-    lm: Option<Value>,
+    /// Each program's `create_program` arguments (its id set, the session's removed), and the
+    /// session's `configure_lm` arguments: kept as written, so specs of any depth survive.
+    programs: Vec<(String, RawObject)>,
+    lm: Option<RawObject>,
     /// The worker whose copy is current and that the session prefers.
     pub home: Option<u64>,
     /// The worker its `:strict` requests ran on: the one that holds its Python state.
@@ -43,39 +45,40 @@ impl SessionRecord {
         !self.programs.is_empty() || self.lm.is_some()
     }
 
-    /// Applies a successful reply of `command`; true when the record changed.
-    pub fn apply(&mut self, command: &str, args: &[u8], result: &Value) -> bool {
-        let Ok(Value::Object(mut args)) = serde_json::from_slice::<Value>(args) else {
+    /// Applies a successful reply of `command` (`result`: the reply's result, as JSON text);
+    /// true when the record changed.
+    pub fn apply(&mut self, command: &str, args: &[u8], result: &[u8]) -> bool {
+        let Some(mut args) = RawObject::parse(args) else {
             return false;
         };
         args.remove("session_id");
         let changed = match command {
             "create_program" => {
-                let id = result
-                    .get("program_id")
-                    .or_else(|| args.get("id"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+                let id = RawObject::parse(result)
+                    .and_then(|r| r.get_str("program_id"))
+                    .or_else(|| args.get_str("id"));
                 match id {
                     Some(id) => {
-                        args.insert("id".into(), Value::String(id.clone()));
+                        let mut text = Vec::with_capacity(id.len() + 2);
+                        serde_json::to_writer(&mut text, &id).expect("a string serialises");
+                        args.insert("id", &text);
                         self.programs.retain(|(p, _)| *p != id);
-                        self.programs.push((id, Value::Object(args)));
+                        self.programs.push((id, args));
                         true
                     }
                     None => false,
                 }
             }
-            "delete_program" => match args.get("program_id").and_then(Value::as_str) {
+            "delete_program" => match args.get_str("program_id") {
                 Some(id) => {
                     let before = self.programs.len();
-                    self.programs.retain(|(p, _)| p != id);
+                    self.programs.retain(|(p, _)| *p != id);
                     before != self.programs.len()
                 }
                 None => false,
             },
             "configure_lm" => {
-                self.lm = Some(Value::Object(args));
+                self.lm = Some(args);
                 true
             }
             "cleanup_session" | "reset_state" | "cleanup" => {
@@ -94,13 +97,23 @@ impl SessionRecord {
 
     /// The `restore_session` arguments that re-create this session on a worker.
     pub fn restore_args(&self, session_id: &str) -> Vec<u8> {
-        let programs: Vec<&Value> = self.programs.iter().map(|(_, v)| v).collect();
-        serde_json::to_vec(&json!({
-            "session_id": session_id,
-            "programs": programs,
-            "lm": self.lm,
-        }))
-        .expect("JSON values serialise")
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(b"{\"session_id\":");
+        serde_json::to_writer(&mut out, session_id).expect("a string serialises");
+        out.extend_from_slice(b",\"programs\":[");
+        for (i, (_, program)) in self.programs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            program.write(&mut out);
+        }
+        out.extend_from_slice(b"],\"lm\":");
+        match &self.lm {
+            Some(lm) => lm.write(&mut out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+        out
     }
 }
 
@@ -115,35 +128,70 @@ pub fn is_recorded(command: &str) -> bool {
 /// A `configure_lm` without a session configures every worker, present and future.
 pub fn is_global_config(command: &str, args: &[u8]) -> bool {
     command == "configure_lm"
-        && !matches!(
-            serde_json::from_slice::<Map<String, Value>>(args),
-            Ok(m) if m.get("session_id").is_some_and(|s| !s.is_null())
-        )
+        && !RawObject::parse(args)
+            .and_then(|m| m.get("session_id").map(|s| s != b"null"))
+            .unwrap_or(false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn records_programs_and_lm_and_forgets_deleted_ones() {
         let mut r = SessionRecord::default();
         assert!(!r.has_state());
         let spec = br#"{"session_id":"s","signature":{"inputs":[],"outputs":[]}}"#;
-        assert!(r.apply("create_program", spec, &json!({"program_id": "p1"})));
+        assert!(r.apply("create_program", spec, br#"{"program_id":"p1"}"#));
         assert!(r.apply(
             "configure_lm",
             br#"{"session_id":"s","provider":"dummy"}"#,
-            &json!({})
+            b"{}"
         ));
         assert_eq!(r.generation, 2);
         let restore: Value = serde_json::from_slice(&r.restore_args("s")).unwrap();
+        assert_eq!(restore["session_id"], "s");
         assert_eq!(restore["programs"][0]["id"], "p1");
+        assert_eq!(
+            restore["programs"][0]["signature"]["inputs"],
+            Value::Array(vec![])
+        );
         assert!(restore["programs"][0].get("session_id").is_none());
         assert_eq!(restore["lm"]["provider"], "dummy");
-        assert!(r.apply("delete_program", br#"{"program_id":"p1"}"#, &json!({})));
-        assert!(!r.apply("delete_program", br#"{"program_id":"p1"}"#, &json!({})));
+        assert!(r.apply("delete_program", br#"{"program_id":"p1"}"#, b"{}"));
+        assert!(!r.apply("delete_program", br#"{"program_id":"p1"}"#, b"{}"));
         assert_eq!(r.generation, 3);
+        let restore: Value = serde_json::from_slice(&r.restore_args("a\"b")).unwrap();
+        assert_eq!(restore["session_id"], "a\"b");
+        assert_eq!(restore["programs"], Value::Array(vec![]));
+    }
+
+    #[test]
+    fn an_id_given_in_args_is_used_when_the_reply_names_none() {
+        let mut r = SessionRecord::default();
+        assert!(r.apply("create_program", br#"{"id":"mine","x":1}"#, b"{}"));
+        assert!(!r.apply("create_program", br#"{"x":1}"#, b"[]"));
+        let restore: Value = serde_json::from_slice(&r.restore_args("s")).unwrap();
+        assert_eq!(restore["programs"][0]["id"], "mine");
+        assert_eq!(restore["programs"].as_array().unwrap().len(), 1);
+    }
+
+    /// A spec nested far deeper than serde_json's 128 levels (and deeper than any stack could
+    /// recurse through) is recorded and restored byte for byte. Before, it failed to parse and
+    /// was silently not recorded: the program was gone on any other worker.
+    #[test]
+    fn specs_of_any_depth_are_recorded_and_restored_as_written() {
+        let depth = 100_000;
+        let deep = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let spec = format!(r#"{{"session_id":"s","signature":{deep}}}"#);
+        let mut r = SessionRecord::default();
+        assert!(r.apply("create_program", spec.as_bytes(), br#"{"program_id":"p"}"#));
+        let restore = r.restore_args("s");
+        let expected = format!(
+            r#"{{"session_id":"s","programs":[{{"signature":{deep},"id":"p"}}],"lm":null}}"#
+        );
+        assert_eq!(String::from_utf8(restore).unwrap(), expected);
     }
 
     #[test]
@@ -152,5 +200,10 @@ mod tests {
         assert!(is_global_config("configure_lm", br#"{"session_id":null}"#));
         assert!(!is_global_config("configure_lm", br#"{"session_id":"s"}"#));
         assert!(!is_global_config("ping", b"{}"));
+        // A session's configure_lm with deeply nested arguments stays the session's (it was
+        // taken for a global one when serde_json gave up at 128 levels).
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let args = format!(r#"{{"session_id":"s","extra":{deep}}}"#);
+        assert!(!is_global_config("configure_lm", args.as_bytes()));
     }
 }

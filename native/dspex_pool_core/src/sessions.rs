@@ -11,8 +11,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value;
-
 use crate::effects::{Delivery, Effect};
 use crate::error::PoolError;
 use crate::frame;
@@ -113,10 +111,9 @@ impl<R> Core<R> {
         let Some(record) = self.sessions.get_mut(&id).filter(|r| r.epoch == epoch) else {
             return;
         };
-        let result: Value = serde_json::from_slice(result).unwrap_or(Value::Null);
         let w = self.workers.get_mut(&wid).expect("worker exists");
         let was_current = w.sessions.get(&id) == Some(&record.generation);
-        if record.apply(command, args, &result) && was_current {
+        if record.apply(command, args, result) && was_current {
             w.sessions.insert(id, record.generation);
         }
     }
