@@ -24,6 +24,9 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
 
         assert [{:error, {:checkout_failed, @not_a_checkout <> _}}] =
                  Enum.to_list(NativePool.execute_stream(forged, :echo, args))
+
+        {:ok, ref} = NativePool.execute_stream(forged, :echo, args, into: self())
+        assert_receive {^ref, {:error, {:checkout_failed, @not_a_checkout <> _}}}, 5_000
       end
 
       assert_raise ArgumentError,
@@ -47,6 +50,9 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
 
     assert [{:error, {:checkout_failed, "the pool is stopping"}}] =
              Enum.to_list(NativePool.execute_stream(checkout, :echo, %{}))
+
+    {:ok, ref} = NativePool.execute_stream(checkout, :echo, @big, into: self())
+    assert_receive {^ref, {:error, {:checkout_failed, "the pool is stopping"}}}, 5_000
 
     assert :ok = NativePool.checkin(checkout)
   end
