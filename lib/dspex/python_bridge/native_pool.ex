@@ -527,27 +527,13 @@ defmodule DSPex.PythonBridge.NativePool do
       args = if checkout.session_id, do: with_session_id(args, checkout.session_id), else: args
       ref = make_ref()
 
+      {resource, ms} = {checkout.pool.resource, native_ms(timeout)}
+
       send_call = fn args ->
         # A stream's consumer may pause between elements: the pool reads for it (false).
-        case Native.call(
-               checkout.pool.resource,
-               checkout.lease,
-               ref,
-               command,
-               args,
-               native_ms(timeout),
-               false
-             ) do
+        case Native.call(resource, checkout.lease, ref, command, args, ms, false) do
           :dirty ->
-            Native.call_dirty(
-              checkout.pool.resource,
-              checkout.lease,
-              ref,
-              command,
-              args,
-              native_ms(timeout),
-              false
-            )
+            Native.call_dirty(resource, checkout.lease, ref, command, args, ms, false)
 
           other ->
             other
@@ -842,17 +828,10 @@ defmodule DSPex.PythonBridge.NativePool do
 
       tools = tool_context(opts, checkout.session_id)
       pool = checkout.pool
+      {resource, ms} = {pool.resource, native_ms(timeout)}
 
       reply =
-        case Native.call(
-               checkout.pool.resource,
-               checkout.lease,
-               ref,
-               command,
-               args,
-               native_ms(timeout),
-               true
-             ) do
+        case Native.call(resource, checkout.lease, ref, command, args, ms, true) do
           :ok ->
             receive do
               {^ref, {:"$dspex_readable", worker, lease}} ->
@@ -869,15 +848,7 @@ defmodule DSPex.PythonBridge.NativePool do
             end
 
           :dirty ->
-            case Native.call_dirty(
-                   checkout.pool.resource,
-                   checkout.lease,
-                   ref,
-                   command,
-                   args,
-                   native_ms(timeout),
-                   true
-                 ) do
+            case Native.call_dirty(resource, checkout.lease, ref, command, args, ms, true) do
               :ok -> await(ref, wait, pool, tools)
               other -> other
             end
