@@ -21,17 +21,17 @@ defmodule DSPex.NativePool.Native do
 
   def checkout(_pool, _ref, _mode, _pool_timeout), do: :erlang.nif_error(:nif_not_loaded)
 
-  def call(_lease, _ref, _command, _args, _timeout, _reads),
+  def call(_pool, _lease, _ref, _command, _args, _timeout, _reads),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def call_dirty(_lease, _ref, _command, _args, _timeout, _reads),
+  def call_dirty(_pool, _lease, _ref, _command, _args, _timeout, _reads),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def read(_pool, _worker, _lease), do: :erlang.nif_error(:nif_not_loaded)
   def drain(_pool, _worker), do: :erlang.nif_error(:nif_not_loaded)
   def control(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
   def control_dirty(_pool, _lease, _body), do: :erlang.nif_error(:nif_not_loaded)
-  def checkin(_lease), do: :erlang.nif_error(:nif_not_loaded)
+  def checkin(_pool, _lease), do: :erlang.nif_error(:nif_not_loaded)
   def end_session(_pool, _session_id), do: :erlang.nif_error(:nif_not_loaded)
   def status(_pool), do: :erlang.nif_error(:nif_not_loaded)
   def live_leases, do: :erlang.nif_error(:nif_not_loaded)

@@ -397,7 +397,7 @@ defmodule DSPex.NativePool.Server do
             ref = make_ref()
 
             # `true`: this process reads the replies itself, as callers do.
-            case Native.call(lease, ref, "ping", %{}, timeout, true) do
+            case Native.call(resource, lease, ref, "ping", %{}, timeout, true) do
               :ok ->
                 Map.put(pending, ref, true)
 
@@ -409,7 +409,7 @@ defmodule DSPex.NativePool.Server do
 
       await_pings(pending, System.monotonic_time(:millisecond) + timeout, state)
     after
-      Enum.each(leases, &Native.checkin/1)
+      Enum.each(leases, &Native.checkin(resource, &1))
     end
 
     # Worker stderr forwarded meanwhile (the workers' "ready" lines) is logged now, before
@@ -471,7 +471,7 @@ defmodule DSPex.NativePool.Server do
 
       # Not expected before the pool is published: nobody else holds a worker.
       {:queued, lease} ->
-        Native.checkin(lease)
+        Native.checkin(resource, lease)
         held
 
       {:error, _} ->

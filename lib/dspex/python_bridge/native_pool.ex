@@ -527,11 +527,13 @@ defmodule DSPex.PythonBridge.NativePool do
       args = if checkout.session_id, do: with_session_id(args, checkout.session_id), else: args
       ref = make_ref()
 
+      {resource, ms} = {checkout.pool.resource, native_ms(timeout)}
+
       send_call = fn args ->
         # A stream's consumer may pause between elements: the pool reads for it (false).
-        case Native.call(checkout.lease, ref, command, args, native_ms(timeout), false) do
+        case Native.call(resource, checkout.lease, ref, command, args, ms, false) do
           :dirty ->
-            Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout), false)
+            Native.call_dirty(resource, checkout.lease, ref, command, args, ms, false)
 
           other ->
             other
@@ -798,7 +800,7 @@ defmodule DSPex.PythonBridge.NativePool do
           {^ref, {:error, _} = error} -> error
         after
           wait_ms(pool_timeout, 0) ->
-            Native.checkin(lease)
+            Native.checkin(pool.resource, lease)
             {:error, {:pool_timeout, "no worker became available within #{pool_timeout} ms"}}
         end
 
@@ -826,9 +828,10 @@ defmodule DSPex.PythonBridge.NativePool do
 
       tools = tool_context(opts, checkout.session_id)
       pool = checkout.pool
+      {resource, ms} = {pool.resource, native_ms(timeout)}
 
       reply =
-        case Native.call(checkout.lease, ref, command, args, native_ms(timeout), true) do
+        case Native.call(resource, checkout.lease, ref, command, args, ms, true) do
           :ok ->
             receive do
               {^ref, {:"$dspex_readable", worker, lease}} ->
@@ -845,7 +848,7 @@ defmodule DSPex.PythonBridge.NativePool do
             end
 
           :dirty ->
-            case Native.call_dirty(checkout.lease, ref, command, args, native_ms(timeout), true) do
+            case Native.call_dirty(resource, checkout.lease, ref, command, args, ms, true) do
               :ok -> await(ref, wait, pool, tools)
               other -> other
             end
@@ -913,8 +916,8 @@ defmodule DSPex.PythonBridge.NativePool do
   `%Checkout{}` that `checkout/2` did not make.
   """
   @spec checkin(Checkout.t()) :: :ok
-  def checkin(%Checkout{lease: lease}) do
-    case Native.checkin(lease) do
+  def checkin(%Checkout{lease: lease, pool: pool}) do
+    case Native.checkin(pool.resource, lease) do
       :ok -> :ok
       {:error, {:checkout_failed, why}} -> raise ArgumentError, "#{why}, got: #{inspect(lease)}"
     end

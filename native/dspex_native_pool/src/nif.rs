@@ -498,10 +498,13 @@ fn checkout<'a>(
     }
 }
 
-/// Sends a request on a held checkout; like `execute/8`, may return `:dirty` or `:structs`.
+/// Sends a request on a held checkout (`lease`, which must be `pool`'s); like `execute/8`, may
+/// return `:dirty` or `:structs`.
 #[rustler::nif]
+#[allow(clippy::too_many_arguments)]
 fn call<'a>(
     env: Env<'a>,
+    pool: Term<'a>,
     lease: Term<'a>,
     reference: Term<'a>,
     command: Term<'a>,
@@ -516,12 +519,14 @@ fn call<'a>(
         timeout,
         reads,
     };
-    call_impl(env, lease, request, Scheduler::Normal)
+    call_impl(env, pool, lease, request, Scheduler::Normal)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
 fn call_dirty<'a>(
     env: Env<'a>,
+    pool: Term<'a>,
     lease: Term<'a>,
     reference: Term<'a>,
     command: Term<'a>,
@@ -536,17 +541,19 @@ fn call_dirty<'a>(
         timeout,
         reads,
     };
-    call_impl(env, lease, request, Scheduler::Dirty)
+    call_impl(env, pool, lease, request, Scheduler::Dirty)
 }
 
 fn call_impl<'a>(
     env: Env<'a>,
+    pool: Term<'a>,
     lease: Term<'a>,
     call: Call<'a>,
     on: Scheduler,
 ) -> NifResult<Term<'a>> {
-    let Some(lease) = checkout_handle(lease) else {
-        return Ok(error(env, PoolError::CheckoutFailed(NOT_A_CHECKOUT.into())));
+    let lease = match checkout_handle(pool, lease) {
+        Ok(lease) => lease,
+        Err(why) => return Ok(error(env, PoolError::CheckoutFailed(why.into()))),
     };
     let command = decode_command(call.command)?;
     let args = match encode_args(call.arguments, &command, lease.shared.max_frame_size, on) {
@@ -611,21 +618,27 @@ fn control_impl<'a>(
     }
 }
 
-/// Returns `:ok`, or `{:error, {:checkout_failed, _}}` for a term that is no checkout's lease.
+/// Returns `:ok`, or `{:error, {:checkout_failed, _}}` for a term that is no lease of `pool`.
 #[rustler::nif]
-fn checkin<'a>(env: Env<'a>, lease: Term<'a>) -> Term<'a> {
-    let Some(lease) = checkout_handle(lease) else {
-        return error(env, PoolError::CheckoutFailed(NOT_A_CHECKOUT.into()));
+fn checkin<'a>(env: Env<'a>, pool: Term<'a>, lease: Term<'a>) -> Term<'a> {
+    let lease = match checkout_handle(pool, lease) {
+        Ok(lease) => lease,
+        Err(why) => return error(env, PoolError::CheckoutFailed(why.into())),
     };
     in_nif(env, None, || lease.shared.pool.release(lease.id));
     atoms::ok().encode(env)
 }
 
-const NOT_A_CHECKOUT: &str = "not a checkout made by checkout/2 (its lease is no worker lease)";
-
-/// A checkout's lease, or `None` for any other term (a `%Checkout{}` built by hand).
-fn checkout_handle(lease: Term) -> Option<ResourceArc<CheckoutHandle>> {
-    lease.decode().ok()
+/// `lease` when it is a lease of `pool`; else why not (a `%Checkout{}` built by hand: its reply
+/// would be read, its tool calls answered and its request cancelled on the wrong pool).
+fn checkout_handle(pool: Term, lease: Term) -> Result<ResourceArc<CheckoutHandle>, &'static str> {
+    let Ok(lease) = lease.decode::<ResourceArc<CheckoutHandle>>() else {
+        return Err("not a checkout made by checkout/2 (its lease is no worker lease)");
+    };
+    match pool.decode::<ResourceArc<PoolResource>>() {
+        Ok(pool) if Arc::ptr_eq(&pool.shared, &lease.shared) => Ok(lease),
+        _ => Err("not a checkout made by checkout/2 (its lease is not its pool's)"),
+    }
 }
 
 /// Reads what `worker` wrote, for the caller of `lease` whose `receive` got

@@ -528,13 +528,22 @@ impl RawObject {
         if reader.next_event().ok()? != Event::StartObject {
             return None;
         }
-        let mut object = RawObject::default();
+        let mut members: Vec<(String, Box<[u8]>)> = Vec::new();
         while let Event::Key(k) = reader.next_event().ok()? {
             let value = reader.skip_value().ok()?;
-            object.insert(&k, &text[value]);
+            members.push((k.into_owned(), text[value].into()));
         }
         reader.finish().ok()?;
-        Some(object)
+        // A repeated key keeps its last member, in one pass (not a search per member).
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        let last: Vec<bool> = members
+            .iter()
+            .rev()
+            .map(|(k, _)| seen.insert(k.as_str()))
+            .collect();
+        let mut last = last.into_iter().rev();
+        members.retain(|_| last.next().expect("one flag a member"));
+        Some(RawObject(members))
     }
 
     /// The text of `key`'s value.

@@ -54,9 +54,11 @@ impl SessionRecord {
         args.remove("session_id");
         let changed = match command {
             "create_program" => {
-                let id = RawObject::parse(result)
-                    .and_then(|r| r.get_str("program_id"))
-                    .or_else(|| args.get_str("id"));
+                // The reply's `program_id` when it has one (not a string: no id known).
+                let id = match RawObject::parse(result).filter(|r| r.get("program_id").is_some()) {
+                    Some(result) => result.get_str("program_id"),
+                    None => args.get_str("id"),
+                };
                 match id {
                     Some(id) => {
                         let mut text = Vec::with_capacity(id.len() + 2);
@@ -136,6 +138,7 @@ pub fn is_global_config(command: &str, args: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Just, Strategy};
     use serde_json::Value;
 
     #[test]
@@ -205,5 +208,255 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let args = format!(r#"{{"session_id":"s","extra":{deep}}}"#);
         assert!(!is_global_config("configure_lm", args.as_bytes()));
+    }
+
+    /// An object of many members is read in linear time (it was quadratic: every member
+    /// searched all the earlier ones for a duplicate; 200,000 members took minutes, 50,000
+    /// tens of seconds, unoptimised). Now well under a second.
+    #[test]
+    fn an_object_of_many_members_is_read_in_linear_time() {
+        let n = 50_000;
+        let mut text = String::from("{");
+        for i in 0..n {
+            text.push_str(&format!("\"k{i}\":{i},"));
+        }
+        text.push_str(r#""k0":"last","session_id":"s"}"#);
+        let started = std::time::Instant::now();
+        let object = RawObject::parse(text.as_bytes()).unwrap();
+        assert_eq!(object.get_str("k0").as_deref(), Some("last"));
+        assert_eq!(object.get(&format!("k{}", n - 1)), Some(&b"49999"[..]));
+        assert!(!is_global_config("configure_lm", text.as_bytes()));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// The record as the serde_json version kept it, to compare with.
+    #[derive(Default)]
+    struct OldRecord {
+        programs: Vec<(String, Value)>,
+        lm: Option<Value>,
+    }
+
+    impl OldRecord {
+        fn apply(&mut self, command: &str, args: &[u8], result: &[u8]) -> bool {
+            let result: Value = serde_json::from_slice(result).unwrap_or(Value::Null);
+            let Ok(Value::Object(mut args)) = serde_json::from_slice::<Value>(args) else {
+                return false;
+            };
+            args.remove("session_id");
+            match command {
+                "create_program" => {
+                    let id = result
+                        .get("program_id")
+                        .or_else(|| args.get("id"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    match id {
+                        Some(id) => {
+                            args.insert("id".into(), Value::String(id.clone()));
+                            self.programs.retain(|(p, _)| *p != id);
+                            self.programs.push((id, Value::Object(args)));
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                "delete_program" => match args.get("program_id").and_then(Value::as_str) {
+                    Some(id) => {
+                        let before = self.programs.len();
+                        self.programs.retain(|(p, _)| p != id);
+                        before != self.programs.len()
+                    }
+                    None => false,
+                },
+                "configure_lm" => {
+                    self.lm = Some(Value::Object(args));
+                    true
+                }
+                _ => false,
+            }
+        }
+
+        fn restore(&self, session_id: &str) -> Value {
+            let programs: Vec<&Value> = self.programs.iter().map(|(_, v)| v).collect();
+            serde_json::json!({"session_id": session_id, "programs": programs, "lm": self.lm})
+        }
+    }
+
+    fn old_is_global_config(command: &str, args: &[u8]) -> bool {
+        command == "configure_lm"
+            && !matches!(
+                serde_json::from_slice::<serde_json::Map<String, Value>>(args),
+                Ok(m) if m.get("session_id").is_some_and(|s| !s.is_null())
+            )
+    }
+
+    /// `s` as a JSON string, each character written plainly, `\u`-escaped or (for `/`)
+    /// `\/`-escaped as `pick` says.
+    fn escaped(s: &str, pick: &[u8]) -> String {
+        let mut out = String::from("\"");
+        for (i, c) in s.chars().enumerate() {
+            match (pick.get(i % pick.len().max(1)).copied().unwrap_or(0) % 3, c) {
+                (_, '"') => out.push_str("\\\""),
+                (_, '\\') => out.push_str("\\\\"),
+                (_, c) if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                (1, c) => {
+                    let mut units = [0; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04X}"));
+                    }
+                }
+                (2, '/') => out.push_str("\\/"),
+                (_, c) => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn ws() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::sample::select(vec!["", " ", "\n", "\t ", "\r\n  "]).prop_map(str::to_owned)
+    }
+
+    fn key() -> impl proptest::strategy::Strategy<Value = String> {
+        let plain = proptest::sample::select(vec![
+            "id",
+            "session_id",
+            "program_id",
+            "provider",
+            "x",
+            "",
+            "a/b",
+            "é",
+            "😀",
+            "\"q\"",
+            "tab\t",
+        ])
+        .prop_map(str::to_owned);
+        proptest::prop_oneof![4 => plain, 1 => ".{0,6}"]
+    }
+
+    /// A JSON text of a value, with random whitespace and escaping, nested at most `depth`.
+    fn value_text(depth: u32) -> proptest::strategy::BoxedStrategy<String> {
+        let leaf = proptest::prop_oneof![
+            proptest::sample::select(vec![
+                "null",
+                "true",
+                "false",
+                "0",
+                "-0",
+                "1.5",
+                "-2e3",
+                "1E+2",
+                "123456789012345678901",
+            ])
+            .prop_map(str::to_owned),
+            (
+                key(),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 1..4)
+            )
+                .prop_map(|(s, pick)| escaped(&s, &pick)),
+        ];
+        leaf.prop_recursive(depth, 64, 6, |inner| {
+            proptest::prop_oneof![
+                proptest::collection::vec((ws(), inner.clone(), ws()), 0..5).prop_map(|items| {
+                    let items: Vec<String> = items
+                        .into_iter()
+                        .map(|(a, v, b)| format!("{a}{v}{b}"))
+                        .collect();
+                    format!("[{}]", items.join(","))
+                }),
+                object_text(inner),
+            ]
+        })
+        .boxed()
+    }
+
+    fn object_text(
+        values: proptest::strategy::BoxedStrategy<String>,
+    ) -> impl proptest::strategy::Strategy<Value = String> {
+        (
+            proptest::collection::vec(
+                (
+                    ws(),
+                    key(),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 1..4),
+                    ws(),
+                    ws(),
+                    values,
+                    ws(),
+                ),
+                0..6,
+            ),
+            ws(),
+        )
+            .prop_map(|(members, end)| {
+                let members: Vec<String> = members
+                    .into_iter()
+                    .map(|(a, k, pick, b, c, v, d)| {
+                        format!("{a}{}{b}:{c}{v}{d}", escaped(&k, &pick))
+                    })
+                    .collect();
+                format!("{{{}{end}}}", members.join(","))
+            })
+    }
+
+    fn args_text() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            8 => object_text(value_text(4)),
+            1 => value_text(3),
+            1 => ".{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            failure_persistence: None,
+            cases: 512,
+            ..Default::default()
+        })]
+
+        /// On any text serde_json reads (under its 128 levels), the raw record restores what
+        /// the serde_json one did, and agrees on which configure_lm is global.
+        #[test]
+        fn raw_records_agree_with_serde_json(
+            steps in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "create_program", "delete_program", "configure_lm", "ping",
+                    ]),
+                    args_text(),
+                    proptest::prop_oneof![
+                        Just(String::from("{}")),
+                        Just(String::from("null")),
+                        key().prop_map(|k| format!(r#"{{"program_id":{}}}"#, escaped(&k, &[0]))),
+                        key().prop_map(|k| format!(r#"{{"pro\u0067ram_id" : {} }}"#, escaped(&k, &[1]))),
+                        Just(String::from(r#"{"program_id":5}"#)),
+                        Just(String::from(r#"{"program_id":null}"#)),
+                    ],
+                ),
+                1..6,
+            ),
+        ) {
+            let mut new = SessionRecord::default();
+            let mut old = OldRecord::default();
+            for (command, args, result) in &steps {
+                proptest::prop_assert_eq!(
+                    is_global_config(command, args.as_bytes()),
+                    old_is_global_config(command, args.as_bytes()),
+                    "is_global_config on {}", args
+                );
+                let changed_new = new.apply(command, args.as_bytes(), result.as_bytes());
+                let changed_old = old.apply(command, args.as_bytes(), result.as_bytes());
+                proptest::prop_assert_eq!(changed_new, changed_old, "{} {} -> {}", command, args, result);
+                let restore = new.restore_args("s\"\u{e9}");
+                let restore: Value = serde_json::from_slice(&restore)
+                    .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&restore))))?;
+                proptest::prop_assert_eq!(restore, old.restore("s\"\u{e9}"));
+            }
+        }
     }
 }
