@@ -458,6 +458,7 @@ fn execute_impl<'a>(
         command,
         args,
         timeout: Duration::from_millis(call.timeout),
+        members: None,
     };
     let reply = Box::new(BeamReply::new(env, call.reference, id, call.reads));
     let pool_timeout = Duration::from_millis(pool_timeout);
@@ -564,6 +565,7 @@ fn call_impl<'a>(
         command,
         args,
         timeout: Duration::from_millis(call.timeout),
+        members: None,
     };
     let reply = Box::new(BeamReply::new(env, call.reference, lease.id, call.reads));
     let (called, _) = in_nif(env, None, || {

@@ -113,6 +113,7 @@ fn one_start_death_does_not_fail_callers_while_others_still_start() {
                 command: "echo".into(),
                 args: serde_json::to_vec(&json!(i)).unwrap(),
                 timeout: Duration::from_secs(5),
+                members: None,
             };
             let id = h.pool.new_lease_id();
             h.pool
@@ -172,6 +173,7 @@ fn end_session_wins_over_an_in_flight_create() {
             command: "create_program".into(),
             args: br#"{"session_id":"s","id":"p","ms":50}"#.to_vec(),
             timeout: Duration::from_secs(5),
+            members: None,
         };
         let id = h.pool.new_lease_id();
         h.pool
@@ -264,6 +266,7 @@ fn the_pool_holds_up_under_many_threads_crashes_and_timeouts() {
                         command: command.into(),
                         args: serde_json::to_vec(&args).unwrap(),
                         timeout: Duration::from_millis(timeout),
+                        members: None,
                     };
                     let (reply, rx) = std_sink();
                     let lease = pool.new_lease_id();

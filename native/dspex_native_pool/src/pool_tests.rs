@@ -85,6 +85,7 @@ impl Harness {
             command: command.into(),
             args: serde_json::to_vec(&args).unwrap(),
             timeout: Duration::from_millis(timeout_ms),
+            members: None,
         };
         let id = self.pool.new_lease_id();
         self.pool
@@ -282,6 +283,7 @@ fn releasing_a_checkout_mid_request_recycles_its_worker() {
             command: "sleep".into(),
             args: br#"{"ms":5000}"#.to_vec(),
             timeout: Duration::from_secs(10),
+            members: None,
         };
         h.pool.call(a, req, reply).unwrap();
         h.pool.release(a);
@@ -530,6 +532,7 @@ fn a_strict_session_waits_for_its_own_worker() {
             command: "execute_program".into(),
             args: br#"{"session_id":"s","program_id":"p"}"#.to_vec(),
             timeout: Duration::from_secs(1),
+            members: None,
         };
         let id = h.pool.new_lease_id();
         let r = h

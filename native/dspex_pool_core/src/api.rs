@@ -1,6 +1,7 @@
 //! The pool's vocabulary for the outside: configuration, modes, requests, events, outcomes,
 //! status. Plain data; the rules are in the other modules.
 
+use crate::json::RawObject;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,21 @@ pub struct Request {
     pub command: String,
     pub args: Vec<u8>,
     pub timeout: Duration,
+    /// The arguments' top-level members, for a command whose success the pool records
+    /// (session state, `configure_lm`). Leave `None`: the pool reads them as the request
+    /// enters it, on the thread that submitted it (a dirty scheduler for large arguments), so
+    /// recording the reply never reads large arguments on whichever thread reads the reply.
+    pub members: Option<RawObject>,
+}
+
+impl Request {
+    /// `members` filled in when the command is one the pool records.
+    pub(crate) fn prepared(mut self) -> Request {
+        if self.members.is_none() && crate::session::reads_members(&self.command) {
+            self.members = RawObject::parse(&self.args);
+        }
+        self
+    }
 }
 
 /// How an acquisition went.

@@ -518,7 +518,7 @@ fn scan(buf: &[u8], from: usize) -> (usize, bool) {
 /// A JSON object's top-level members, each value kept as the text it was written as: read and
 /// written again at any depth, with no recursion (what a `serde_json::Value` could not do past
 /// 128 levels). A repeated key: the last one counts, as in serde_json.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawObject(Vec<(String, Box<[u8]>)>);
 
 impl RawObject {

@@ -50,6 +50,7 @@ impl<R> Core<R> {
         now: Instant,
         fx: &mut Effects<R>,
     ) -> Result<Acquired, PoolError> {
+        let once = once.map(Request::prepared);
         if self.closed {
             fx.push(Effect::Discard(reply));
             return Err(PoolError::CheckoutFailed("the pool is stopping".into()));
@@ -273,6 +274,7 @@ impl<R> Core<R> {
         now: Instant,
         fx: &mut Effects<R>,
     ) -> Result<(), PoolError> {
+        let request = request.prepared();
         let refuse = |fx: &mut Effects<R>, reply: R, why: &str| {
             fx.push(Effect::Discard(reply));
             Err(PoolError::CheckoutFailed(why.into()))
@@ -339,7 +341,7 @@ impl<R> Core<R> {
             }
         }
         let recorded = session.is_some() && session::is_recorded(&req.command)
-            || session::is_global_config(&req.command, &req.args);
+            || session::is_global_config_of(&req.command, req.members.as_ref());
         let deadline = later(now, req.timeout);
         let w = self.workers.get_mut(&wid).expect("a leased worker exists");
         if let Some((restore_id, pending, _)) = restore {
@@ -353,6 +355,7 @@ impl<R> Core<R> {
                     lease,
                     command: req.command,
                     args: req.args,
+                    members: req.members,
                     timeout: req.timeout,
                     recorded,
                     session,

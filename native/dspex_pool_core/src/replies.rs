@@ -185,6 +185,7 @@ impl<R> Core<R> {
                 lease,
                 command,
                 args,
+                members,
                 recorded,
                 session,
                 ..
@@ -201,7 +202,7 @@ impl<R> Core<R> {
                     }
                 }
                 if let (Ok(result), true) = (&outcome, recorded) {
-                    self.record(wid, session, &command, &args, result, now, fx);
+                    self.record(wid, session, &command, &args, members, result, now, fx);
                 }
                 if outcome.is_err() {
                     self.counters.errors += 1;

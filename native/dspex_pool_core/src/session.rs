@@ -48,9 +48,11 @@ impl SessionRecord {
     /// Applies a successful reply of `command` (`result`: the reply's result, as JSON text);
     /// true when the record changed.
     pub fn apply(&mut self, command: &str, args: &[u8], result: &[u8]) -> bool {
-        let Some(mut args) = RawObject::parse(args) else {
-            return false;
-        };
+        RawObject::parse(args).is_some_and(|args| self.apply_members(command, args, result))
+    }
+
+    /// [`SessionRecord::apply`] with the arguments' members already read.
+    pub fn apply_members(&mut self, command: &str, mut args: RawObject, result: &[u8]) -> bool {
         args.remove("session_id");
         let changed = match command {
             "create_program" => {
@@ -129,10 +131,20 @@ pub fn is_recorded(command: &str) -> bool {
 
 /// A `configure_lm` without a session configures every worker, present and future.
 pub fn is_global_config(command: &str, args: &[u8]) -> bool {
+    command == "configure_lm" && is_global_config_of(command, RawObject::parse(args).as_ref())
+}
+
+/// [`is_global_config`] with the arguments' members already read (`None`: not an object).
+pub fn is_global_config_of(command: &str, members: Option<&RawObject>) -> bool {
     command == "configure_lm"
-        && !RawObject::parse(args)
+        && !members
             .and_then(|m| m.get("session_id").map(|s| s != b"null"))
             .unwrap_or(false)
+}
+
+/// Whether the pool reads a request's argument members: it may record the command's success.
+pub fn reads_members(command: &str) -> bool {
+    is_recorded(command) || command == "configure_lm"
 }
 
 #[cfg(test)]

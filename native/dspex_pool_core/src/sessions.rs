@@ -14,6 +14,7 @@ use std::time::Instant;
 use crate::effects::{Delivery, Effect};
 use crate::error::PoolError;
 use crate::frame;
+use crate::json::RawObject;
 use crate::session::{self, SessionRecord};
 use crate::state::{Chore, Core, Effects, LeaseState, Mode, Pending, PendingKind, Status};
 use crate::timers::Timer;
@@ -90,11 +91,12 @@ impl<R> Core<R> {
         session: Option<(Arc<str>, u64)>,
         command: &str,
         args: &[u8],
+        members: Option<RawObject>,
         result: &[u8],
         now: Instant,
         fx: &mut Effects<R>,
     ) {
-        if session::is_global_config(command, args) {
+        if session::is_global_config_of(command, members.as_ref()) {
             let chore = Chore {
                 command: "configure_lm",
                 args: args.to_vec(),
@@ -113,7 +115,8 @@ impl<R> Core<R> {
         };
         let w = self.workers.get_mut(&wid).expect("worker exists");
         let was_current = w.sessions.get(&id) == Some(&record.generation);
-        if record.apply(command, args, result) && was_current {
+        let changed = members.is_some_and(|m| record.apply_members(command, m, result));
+        if changed && was_current {
             w.sessions.insert(id, record.generation);
         }
     }

@@ -62,6 +62,8 @@ pub(crate) enum PendingKind {
         lease: LeaseId,
         command: String,
         args: Vec<u8>,
+        /// See [`Request::members`].
+        members: Option<crate::json::RawObject>,
         timeout: Duration,
         /// Whether a success changes recorded session (or global) state.
         recorded: bool,

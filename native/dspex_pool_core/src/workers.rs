@@ -327,9 +327,19 @@ impl<R> Core<R> {
                     lease,
                     command,
                     args,
+                    members,
                     timeout,
                     ..
-                } if requeue => self.requeue(lease, command, args, timeout, now),
+                } if requeue => self.requeue(
+                    lease,
+                    crate::Request {
+                        command,
+                        args,
+                        timeout,
+                        members,
+                    },
+                    now,
+                ),
                 kind => {
                     let w = self.workers.get_mut(&wid).expect("present");
                     w.inflight.insert(
@@ -353,20 +363,9 @@ impl<R> Core<R> {
         self.grow(now, fx);
     }
 
-    fn requeue(
-        &mut self,
-        lease: LeaseId,
-        command: String,
-        args: Vec<u8>,
-        timeout: Duration,
-        now: Instant,
-    ) {
+    fn requeue(&mut self, lease: LeaseId, request: crate::Request, now: Instant) {
         let entry = self.leases.get_mut(&lease).expect("present");
-        entry.once = Some(crate::Request {
-            command,
-            args,
-            timeout,
-        });
+        entry.once = Some(request);
         entry.request = None;
         let deadline = later(now, entry.pool_timeout);
         entry.state = LeaseState::Queued {

@@ -93,6 +93,7 @@ fn req(timeout: Duration) -> Option<Request> {
         command: "sleep".into(),
         args: b"{}".to_vec(),
         timeout,
+        members: None,
     })
 }
 
@@ -528,6 +529,7 @@ fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
             command: "configure_lm".into(),
             args: br#"{"provider":"dummy"}"#.to_vec(),
             timeout: Duration::from_secs(5),
+            members: None,
         }),
         reply: 4,
         pool_timeout: Duration::from_secs(5),
@@ -554,5 +556,44 @@ fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
         execute(&mut core, 5, Mode::Anonymous, t0, &mut fx),
         Acquired::Now(5)
     );
+    core.audit().unwrap();
+}
+
+/// A recorded request's arguments are read once, when it enters the pool (on the thread that
+/// submitted it: a dirty scheduler for large ones), never again when its reply is read (on
+/// whichever thread reads it). Shown here by members given with the request, which the pool
+/// then trusts over its arguments' text: a session's `configure_lm` whose members say
+/// "global" is replayed to the other worker.
+#[test]
+fn a_recorded_request_is_read_when_it_enters_the_pool_not_at_its_reply() {
+    let (mut core, t0) = started(2, Some(4), None, Duration::from_secs(30));
+    let mut fx = Vec::new();
+    let event = Event::Acquire {
+        lease: 1,
+        mode: Mode::Anonymous,
+        once: Some(Request {
+            command: "configure_lm".into(),
+            args: br#"{"session_id":"s","provider":"dummy"}"#.to_vec(),
+            timeout: Duration::from_secs(5),
+            members: dspex_pool_core::json::RawObject::parse(br#"{"provider":"dummy"}"#),
+        }),
+        reply: 1,
+        pool_timeout: Duration::from_secs(5),
+        owner: 1,
+    };
+    core.step(event, t0, &mut fx);
+    let (w, id) = written(&fx)
+        .into_iter()
+        .find(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, v)| (w, v["id"].as_u64().unwrap()))
+        .unwrap();
+    let mut fx = Vec::new();
+    core.step(frame(w, id, Ok(b"{}")), t0, &mut fx);
+    let replayed: Vec<u64> = written(&fx)
+        .into_iter()
+        .filter(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, _)| w)
+        .collect();
+    assert_eq!(replayed, vec![if w == 1 { 2 } else { 1 }]);
     core.audit().unwrap();
 }

@@ -72,6 +72,7 @@ fn execute(timeout: Duration) -> Option<Request> {
         command: "sleep".into(),
         args: b"{}".to_vec(),
         timeout,
+        members: None,
     })
 }
 

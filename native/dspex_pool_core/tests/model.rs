@@ -194,6 +194,7 @@ impl World {
             command: command.into(),
             args: serde_json::to_vec(&args).unwrap(),
             timeout,
+            members: None,
         }
     }
 
