@@ -459,6 +459,7 @@ fn execute_impl<'a>(
         args,
         timeout: Duration::from_millis(call.timeout),
         members: None,
+        frame: None,
     };
     let reply = Box::new(BeamReply::new(env, call.reference, id, call.reads));
     let pool_timeout = Duration::from_millis(pool_timeout);
@@ -566,6 +567,7 @@ fn call_impl<'a>(
         args,
         timeout: Duration::from_millis(call.timeout),
         members: None,
+        frame: None,
     };
     let reply = Box::new(BeamReply::new(env, call.reference, lease.id, call.reads));
     let (called, _) = in_nif(env, None, || {

@@ -114,6 +114,7 @@ fn one_start_death_does_not_fail_callers_while_others_still_start() {
                 args: serde_json::to_vec(&json!(i)).unwrap(),
                 timeout: Duration::from_secs(5),
                 members: None,
+                frame: None,
             };
             let id = h.pool.new_lease_id();
             h.pool
@@ -174,6 +175,7 @@ fn end_session_wins_over_an_in_flight_create() {
             args: br#"{"session_id":"s","id":"p","ms":50}"#.to_vec(),
             timeout: Duration::from_secs(5),
             members: None,
+            frame: None,
         };
         let id = h.pool.new_lease_id();
         h.pool
@@ -267,6 +269,7 @@ fn the_pool_holds_up_under_many_threads_crashes_and_timeouts() {
                         args: serde_json::to_vec(&args).unwrap(),
                         timeout: Duration::from_millis(timeout),
                         members: None,
+                        frame: None,
                     };
                     let (reply, rx) = std_sink();
                     let lease = pool.new_lease_id();

@@ -86,6 +86,7 @@ impl Harness {
             args: serde_json::to_vec(&args).unwrap(),
             timeout: Duration::from_millis(timeout_ms),
             members: None,
+            frame: None,
         };
         let id = self.pool.new_lease_id();
         self.pool
@@ -284,6 +285,7 @@ fn releasing_a_checkout_mid_request_recycles_its_worker() {
             args: br#"{"ms":5000}"#.to_vec(),
             timeout: Duration::from_secs(10),
             members: None,
+            frame: None,
         };
         h.pool.call(a, req, reply).unwrap();
         h.pool.release(a);
@@ -533,6 +535,7 @@ fn a_strict_session_waits_for_its_own_worker() {
             args: br#"{"session_id":"s","program_id":"p"}"#.to_vec(),
             timeout: Duration::from_secs(1),
             members: None,
+            frame: None,
         };
         let id = h.pool.new_lease_id();
         let r = h

@@ -67,15 +67,29 @@ pub struct Request {
     /// enters it, on the thread that submitted it (a dirty scheduler for large arguments), so
     /// recording the reply never reads large arguments on whichever thread reads the reply.
     pub members: Option<RawObject>,
+    /// The request's frame, its id to be set when it is sent. Leave `None`: the pool builds it
+    /// as the request enters it (on the submitting thread, as `members`), so sending it later,
+    /// wherever the request leaves the queue, copies none of its arguments.
+    pub frame: Option<Vec<u8>>,
 }
 
 impl Request {
-    /// `members` filled in when the command is one the pool records.
-    pub(crate) fn prepared(mut self) -> Request {
+    /// `members` read when the command is one the pool records, and the frame built.
+    ///
+    /// # Errors
+    /// [`PoolError::InvalidArgs`] when the frame would exceed `max_frame`.
+    pub(crate) fn prepared(mut self, max_frame: usize) -> Result<Request, PoolError> {
         if self.members.is_none() && crate::session::reads_members(&self.command) {
             self.members = RawObject::parse(&self.args);
         }
-        self
+        if self.frame.is_none() {
+            self.frame = Some(crate::frame::encode_request_template(
+                &self.command,
+                &self.args,
+                max_frame,
+            )?);
+        }
+        Ok(self)
     }
 }
 

@@ -25,10 +25,31 @@ pub fn encode_request(
     args_json: &[u8],
     max_frame: usize,
 ) -> Result<Vec<u8>, PoolError> {
-    let mut out = Vec::with_capacity(args_json.len() + command.len() + 48);
+    let mut frame = encode_request_template(command, args_json, max_frame)?;
+    set_request_id(&mut frame, id);
+    Ok(frame)
+}
+
+/// Where a request frame's id field starts, and its width: u64's 20 digits at most.
+const ID_AT: usize = 4 + b"{\"id\":".len();
+const ID_WIDTH: usize = 20;
+
+/// A request frame whose id is set later by [`set_request_id`]: the id field is 20 bytes wide
+/// (spaces, which JSON allows before a value, then the digits). A frame built where a request
+/// is submitted (a dirty scheduler for large arguments) is then sent as it is, wherever the
+/// request leaves the queue, with no copy of its arguments there.
+///
+/// # Errors
+/// [`PoolError::InvalidArgs`] when the frame would exceed `max_frame`.
+pub fn encode_request_template(
+    command: &str,
+    args_json: &[u8],
+    max_frame: usize,
+) -> Result<Vec<u8>, PoolError> {
+    let mut out = Vec::with_capacity(args_json.len() + command.len() + 64);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(b"{\"id\":");
-    out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+    out.extend_from_slice(&[b' '; ID_WIDTH]);
     out.extend_from_slice(b",\"command\":");
     serde_json::to_writer(&mut out, command).expect("a string serialises");
     out.extend_from_slice(b",\"args\":");
@@ -44,6 +65,15 @@ pub fn encode_request(
         .map_err(|_| PoolError::InvalidArgs(format!("the request is {len} bytes, over 4 GiB")))?;
     out[..4].copy_from_slice(&len.to_be_bytes());
     Ok(out)
+}
+
+/// Sets the id of a frame made by [`encode_request_template`] (any number of times).
+pub fn set_request_id(frame: &mut [u8], id: u64) {
+    let field = &mut frame[ID_AT..ID_AT + ID_WIDTH];
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(id).as_bytes();
+    field.fill(b' ');
+    field[ID_WIDTH - digits.len()..].copy_from_slice(digits);
 }
 
 /// A decoded response frame. A successful result stays JSON text (a zero-copy slice of the
@@ -243,6 +273,30 @@ mod tests {
 
     fn decode(body: &[u8]) -> Result<Response, PoolError> {
         decode_response(&Bytes::copy_from_slice(body))
+    }
+
+    /// A frame built once takes any id, as many times as it is sent, in place.
+    #[test]
+    fn a_request_template_takes_any_id_in_place() {
+        let mut frame = encode_request_template("execute", br#"{"x":[1]}"#, 1024).unwrap();
+        let len = frame.len();
+        for id in [0, 7, 12345, u64::MAX, 3] {
+            set_request_id(&mut frame, id);
+            assert_eq!(frame.len(), len);
+            assert_eq!(
+                u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+                len - 4
+            );
+            let v: Value = serde_json::from_slice(&frame[4..]).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"id": id, "command": "execute", "args": {"x": [1]}})
+            );
+        }
+        assert!(matches!(
+            encode_request_template("c", &[b'1'; 1000], 1000),
+            Err(PoolError::InvalidArgs(_))
+        ));
     }
 
     #[test]

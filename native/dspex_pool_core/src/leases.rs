@@ -50,7 +50,13 @@ impl<R> Core<R> {
         now: Instant,
         fx: &mut Effects<R>,
     ) -> Result<Acquired, PoolError> {
-        let once = once.map(Request::prepared);
+        let once = match once.map(|r| r.prepared(self.config.max_frame_size)) {
+            Some(Err(e)) => {
+                fx.push(Effect::Discard(reply));
+                return Err(e);
+            }
+            prepared => prepared.transpose().expect("an error returned above"),
+        };
         if self.closed {
             fx.push(Effect::Discard(reply));
             return Err(PoolError::CheckoutFailed("the pool is stopping".into()));
@@ -274,7 +280,13 @@ impl<R> Core<R> {
         now: Instant,
         fx: &mut Effects<R>,
     ) -> Result<(), PoolError> {
-        let request = request.prepared();
+        let request = match request.prepared(self.config.max_frame_size) {
+            Ok(r) => r,
+            Err(e) => {
+                fx.push(Effect::Discard(reply));
+                return Err(e);
+            }
+        };
         let refuse = |fx: &mut Effects<R>, reply: R, why: &str| {
             fx.push(Effect::Discard(reply));
             Err(PoolError::CheckoutFailed(why.into()))
@@ -312,7 +324,7 @@ impl<R> Core<R> {
         &mut self,
         lease: LeaseId,
         wid: WorkerId,
-        req: Request,
+        mut req: Request,
         reply: R,
         now: Instant,
         fx: &mut Effects<R>,
@@ -323,13 +335,18 @@ impl<R> Core<R> {
             Mode::Anonymous => (None, None),
         };
         let rid = self.next_request_id();
-        let mut bytes = Vec::new();
-        match frame::encode_request(rid, &req.command, &req.args, self.config.max_frame_size) {
-            Ok(f) => {
-                if let Some((_, _, restore_frame)) = &restore {
-                    bytes.extend_from_slice(restore_frame);
-                }
-                bytes.extend(f);
+        // Built where the request was submitted (see `Request::frame`): only its id is set
+        // here, whatever thread this is, with no copy of the arguments.
+        let built = match req.frame.take() {
+            Some(f) => Ok(f),
+            None => {
+                frame::encode_request_template(&req.command, &req.args, self.config.max_frame_size)
+            }
+        };
+        let bytes = match built {
+            Ok(mut f) => {
+                frame::set_request_id(&mut f, rid);
+                f
             }
             Err(e) => {
                 fx.push(Effect::Deliver {
@@ -339,14 +356,18 @@ impl<R> Core<R> {
                 self.finish_lease_request(lease, wid, now, fx);
                 return;
             }
-        }
+        };
         let recorded = session.is_some() && session::is_recorded(&req.command)
             || session::is_global_config_of(&req.command, req.members.as_ref());
         let deadline = later(now, req.timeout);
         let w = self.workers.get_mut(&wid).expect("a leased worker exists");
-        if let Some((restore_id, pending, _)) = restore {
+        if let Some((restore_id, pending, restore_frame)) = restore {
             w.inflight.insert(restore_id, pending);
             self.counters.restores += 1;
+            fx.push(Effect::Write {
+                worker: wid,
+                bytes: restore_frame,
+            });
         }
         w.inflight.insert(
             rid,

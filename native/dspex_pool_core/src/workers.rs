@@ -332,11 +332,13 @@ impl<R> Core<R> {
                     ..
                 } if requeue => self.requeue(
                     lease,
+                    // Its frame went to the dead worker: built again when it is next sent.
                     crate::Request {
                         command,
                         args,
                         timeout,
                         members,
+                        frame: None,
                     },
                     now,
                 ),

@@ -94,6 +94,7 @@ fn req(timeout: Duration) -> Option<Request> {
         args: b"{}".to_vec(),
         timeout,
         members: None,
+        frame: None,
     })
 }
 
@@ -530,6 +531,7 @@ fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
             args: br#"{"provider":"dummy"}"#.to_vec(),
             timeout: Duration::from_secs(5),
             members: None,
+            frame: None,
         }),
         reply: 4,
         pool_timeout: Duration::from_secs(5),
@@ -576,6 +578,7 @@ fn a_recorded_request_is_read_when_it_enters_the_pool_not_at_its_reply() {
             args: br#"{"session_id":"s","provider":"dummy"}"#.to_vec(),
             timeout: Duration::from_secs(5),
             members: dspex_pool_core::json::RawObject::parse(br#"{"provider":"dummy"}"#),
+            frame: None,
         }),
         reply: 1,
         pool_timeout: Duration::from_secs(5),
@@ -595,5 +598,72 @@ fn a_recorded_request_is_read_when_it_enters_the_pool_not_at_its_reply() {
         .map(|(w, _)| w)
         .collect();
     assert_eq!(replayed, vec![if w == 1 { 2 } else { 1 }]);
+    core.audit().unwrap();
+}
+
+/// A request's frame is built as it enters the pool (on the submitting thread); a queued one
+/// is sent as built, its id set, wherever it leaves the queue (here: the step that reads the
+/// reply freeing the worker), with no encoding of its arguments there. Shown by a frame given
+/// with the request, which is what the worker receives. And a request too large for a frame is
+/// refused at once, not after waiting in the queue.
+#[test]
+fn a_queued_request_is_sent_as_built_when_it_entered_and_an_oversized_one_is_refused_at_once() {
+    let (mut core, t0) = started(1, None, None, Duration::from_secs(30));
+    let mut fx = Vec::new();
+    execute(&mut core, 1, Mode::Anonymous, t0, &mut fx);
+    let (w, id) = requests(&fx)[0];
+    let built = dspex_pool_core::frame::encode_request_template(
+        "sleep",
+        br#"{"marker":"built when submitted"}"#,
+        usize::MAX,
+    )
+    .unwrap();
+    let mut fx = Vec::new();
+    let event = Event::Acquire {
+        lease: 2,
+        mode: Mode::Anonymous,
+        once: Some(Request {
+            command: "sleep".into(),
+            args: br#"{"marker":"args"}"#.to_vec(),
+            timeout: Duration::from_secs(5),
+            members: None,
+            frame: Some(built),
+        }),
+        reply: 2,
+        pool_timeout: Duration::from_secs(5),
+        owner: 2,
+    };
+    assert!(matches!(
+        core.step(event, t0, &mut fx),
+        Outcome::Acquired(Ok(Acquired::Queued(2)))
+    ));
+    let too_big = Event::Acquire {
+        lease: 3,
+        mode: Mode::Anonymous,
+        once: Some(Request {
+            command: "sleep".into(),
+            args: format!(
+                r#"{{"x":"{}"}}"#,
+                "y".repeat(PoolConfig::default().max_frame_size)
+            )
+            .into_bytes(),
+            timeout: Duration::from_secs(5),
+            members: None,
+            frame: None,
+        }),
+        reply: 3,
+        pool_timeout: Duration::from_secs(5),
+        owner: 3,
+    };
+    assert!(matches!(
+        core.step(too_big, t0, &mut fx),
+        Outcome::Acquired(Err(PoolError::InvalidArgs(_)))
+    ));
+    let mut fx = Vec::new();
+    core.step(frame(w, id, Ok(b"{}")), t0, &mut fx);
+    let sent = written(&fx);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1["args"]["marker"], "built when submitted");
+    assert!(sent[0].1["id"].as_u64().unwrap() > id);
     core.audit().unwrap();
 }

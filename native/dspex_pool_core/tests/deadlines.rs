@@ -73,6 +73,7 @@ fn execute(timeout: Duration) -> Option<Request> {
         args: b"{}".to_vec(),
         timeout,
         members: None,
+        frame: None,
     })
 }
 

@@ -195,6 +195,7 @@ impl World {
             args: serde_json::to_vec(&args).unwrap(),
             timeout,
             members: None,
+            frame: None,
         }
     }
 
