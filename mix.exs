@@ -55,6 +55,9 @@ defmodule Mix.Tasks.Compile.DspexNative do
 
   defp build(root, target) do
     Mix.shell().info("Compiling NIF crate #{@crate} (cargo build --release)")
+    # Mix compares modification times in whole seconds: the library is dated a second before
+    # the build began, so a source saved while cargo ran is newer, and built the next time.
+    started = System.os_time(:second) - 1
 
     case System.cmd("cargo", ["build", "--release", "--quiet", "-p", @crate],
            cd: root,
@@ -68,6 +71,7 @@ defmodule Mix.Tasks.Compile.DspexNative do
         tmp = target <> ".tmp"
         File.cp!(built, tmp)
         File.rename!(tmp, target)
+        File.touch!(target, started)
         Mix.Project.build_structure()
         {:ok, []}
 
