@@ -37,7 +37,11 @@ defmodule DSPex.NativePool.Registry do
     :ok
   end
 
-  @doc "Publishes `pool` under each of `names` for callers, owned by the calling process."
+  @doc """
+  Publishes `pool` for callers under `[name | aliases]`, owned by the calling process. `name`
+  (the registered name of the caller) always wins; an alias (V2's `:"X_pool"`) never hides a
+  pool whose own name it is, and comes back when that pool stops.
+  """
   def publish(names, pool), do: GenServer.call(__MODULE__, {:publish, self(), names, pool})
 
   @doc "Erases what the calling process published; its native pool is the caller's to stop."
@@ -58,18 +62,20 @@ defmodule DSPex.NativePool.Registry do
 
     :ets.new(@session_tools, [:set, :public, :named_table, read_concurrency: true])
 
-    # owners: pid => {monitor, names, resource}; names: name => pid
+    # owners: pid => {monitor, [name | aliases], pool}; names: name => pid publishing it
     {:ok, %{owners: %{}, names: %{}}}
   end
 
   @impl true
-  def handle_call({:publish, pid, names, pool}, _from, state) do
+  def handle_call({:publish, pid, [name | aliases] = names, pool}, _from, state) do
     monitor = Process.monitor(pid)
-    Enum.each(names, &:persistent_term.put({DSPex.PythonBridge.NativePool, &1}, pool))
+    # An alias that is another running pool's own name stays that pool's.
+    mine = [name | Enum.reject(aliases, &own_name_of_other?(state, &1, pid))]
+    Enum.each(mine, &:persistent_term.put({DSPex.PythonBridge.NativePool, &1}, pool))
 
     state = %{
-      owners: Map.put(state.owners, pid, {monitor, names, pool.resource}),
-      names: Enum.reduce(names, state.names, &Map.put(&2, &1, pid))
+      owners: Map.put(state.owners, pid, {monitor, names, pool}),
+      names: Enum.reduce(mine, state.names, &Map.put(&2, &1, pid))
     }
 
     {:reply, :ok, state}
@@ -80,7 +86,7 @@ defmodule DSPex.NativePool.Registry do
   end
 
   def handle_call(:pools, _from, state) do
-    {:reply, for({_, {_, _, resource}} <- state.owners, do: resource), state}
+    {:reply, for({_, {_, _, pool}} <- state.owners, do: pool.resource), state}
   end
 
   @impl true
@@ -91,13 +97,35 @@ defmodule DSPex.NativePool.Registry do
       {nil, _} ->
         state
 
-      {{monitor, names, resource}, owners} ->
+      {{monitor, names, pool}, owners} ->
         Process.demonitor(monitor, [:flush])
         # A name taken over by a newer owner stays with it.
         mine = Enum.filter(names, &(Map.get(state.names, &1) == pid))
         Enum.each(mine, &:persistent_term.erase({DSPex.PythonBridge.NativePool, &1}))
-        if stop?, do: Native.pool_stop(resource)
-        %{owners: owners, names: Map.drop(state.names, mine)}
+        if stop?, do: Native.pool_stop(pool.resource)
+        state = %{owners: owners, names: Map.drop(state.names, mine)}
+        # A freed name that is another pool's alias (its own name took it over) is that pool's
+        # again.
+        Enum.reduce(mine, state, &restore_alias/2)
+    end
+  end
+
+  defp own_name_of_other?(state, name, pid) do
+    case Map.get(state.names, name) do
+      nil -> false
+      ^pid -> false
+      holder -> match?({_, [^name | _], _}, Map.get(state.owners, holder))
+    end
+  end
+
+  defp restore_alias(name, state) do
+    case Enum.find(state.owners, fn {_, {_, [_ | aliases], _}} -> name in aliases end) do
+      nil ->
+        state
+
+      {pid, {_, _, pool}} ->
+        :persistent_term.put({DSPex.PythonBridge.NativePool, name}, pool)
+        %{state | names: Map.put(state.names, name, pid)}
     end
   end
 end

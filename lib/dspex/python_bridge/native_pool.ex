@@ -247,11 +247,37 @@ defmodule DSPex.PythonBridge.NativePool do
   SessionPoolV2's name of the pool behind the process `name`: what DSPex code passes back as
   the `:pool_name` call option. Calls accept it, as they accept `name` itself as `:pool`.
   """
-  @spec get_pool_name_for(atom()) :: atom()
-  def get_pool_name_for(name \\ __MODULE__) when is_atom(name) do
+  @spec get_pool_name_for(atom() | pid()) :: atom()
+  def get_pool_name_for(name \\ __MODULE__)
+
+  def get_pool_name_for(pid) when is_pid(pid), do: get_pool_name_for(owner_name!(pid))
+
+  def get_pool_name_for(name) when is_atom(name) do
     case Server.fetch(name) do
-      {:ok, pool} -> Server.pool_name(pool.name)
-      {:error, _} -> GenServer.call(name, :get_pool_name)
+      {:ok, pool} ->
+        Server.pool_name(pool.name)
+
+      # Registered but not published yet (still starting): its process answers once it is up.
+      {:error, _} ->
+        if Process.whereis(name),
+          do: GenServer.call(name, :get_pool_name),
+          else: Server.fetch!(name)
+    end
+  end
+
+  def get_pool_name_for(other),
+    do: raise(ArgumentError, "expected a pool name (an atom) or its pid, got: #{inspect(other)}")
+
+  # SessionPoolV2's functions took its process's pid too: the name the pool's owner is
+  # registered under (every pool's owner is).
+  defp owner_name!(pid) do
+    case Process.info(pid, :registered_name) do
+      {:registered_name, name} when is_atom(name) and name != [] ->
+        name
+
+      _ ->
+        raise ArgumentError,
+              "no DSPex.PythonBridge.NativePool is running as this process, got: #{inspect(pid)}"
     end
   end
 
@@ -1010,7 +1036,7 @@ defmodule DSPex.PythonBridge.NativePool do
   # ---- status --------------------------------------------------------------------------
 
   @doc """
-  The state of the pool `name` (or of `[pool: name]`): SessionPoolV2's keys (`pool_size`,
+  The state of the pool `name` (its pid, or `[pool: name]`): SessionPoolV2's keys (`pool_size`,
   `max_overflow`, `active_sessions`, `sessions`, `uptime_ms`, `session_affinity`) plus live
   worker counts (`ready`, `busy`, `starting`, `overflow`), `queued_callers`, `worker_pids`,
   `last_start_error` and `counters`. A worker running requests counts as `busy`; `in_flight` is
@@ -1022,10 +1048,11 @@ defmodule DSPex.PythonBridge.NativePool do
   how many sessions were re-created on another worker (`%{mode:, restores:}`).
   Raises `ArgumentError` when no such pool is running.
   """
-  @spec get_pool_status(atom() | options()) :: map()
+  @spec get_pool_status(atom() | pid() | options()) :: map()
   def get_pool_status(name_or_opts \\ [])
 
   def get_pool_status(name) when is_atom(name), do: get_pool_status(pool: name)
+  def get_pool_status(pid) when is_pid(pid), do: get_pool_status(owner_name!(pid))
 
   def get_pool_status(opts) do
     pool = Server.fetch!(call_options!(opts)[:pool])
@@ -1047,16 +1074,23 @@ defmodule DSPex.PythonBridge.NativePool do
 
   @doc """
   Pings every worker that is free (each on its own checkout; at least one, waiting for it if
-  all are busy) and checks that workers can start. Takes a pool name, or options.
+  all are busy) and checks that workers can start. Takes a pool name, its pid, or options.
 
   Returns `{:ok, :healthy}` or `{:error, {:unhealthy, reason}}`, where `reason` is the first
   failure (for example `{:checkout_failed, "no worker could be started: ..."}`).
   Options: `:pool` (`:pool_name`), `:timeout` (per ping and per wait for a worker, default 5_000).
   """
-  @spec health_check(atom() | options()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
+  @spec health_check(atom() | pid() | options()) ::
+          {:ok, :healthy} | {:error, {:unhealthy, reason()}}
   def health_check(name_or_opts \\ [])
 
   def health_check(name) when is_atom(name), do: health_check(pool: name)
+
+  def health_check(pid) when is_pid(pid) do
+    health_check(owner_name!(pid))
+  rescue
+    e in ArgumentError -> {:error, {:unhealthy, {:checkout_failed, Exception.message(e)}}}
+  end
 
   def health_check(opts) do
     opts = call_options!(opts)
