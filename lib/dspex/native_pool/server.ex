@@ -52,7 +52,16 @@ defmodule DSPex.NativePool.Server do
       raise ArgumentError, "expected the pool options to be a keyword list, got: #{inspect(opts)}"
     end
 
-    opts = Keyword.validate!(opts, @options)
+    opts =
+      case Keyword.validate(opts, @options) do
+        {:ok, opts} ->
+          opts
+
+        {:error, unknown} ->
+          raise ArgumentError,
+                "unknown keys #{inspect(unknown)} (options SessionPoolV2 never knew either), " <>
+                  "the allowed keys are: #{inspect(@options)}, got: #{inspect(opts)}"
+      end
 
     if Keyword.has_key?(opts, :worker_module) do
       Logger.debug(

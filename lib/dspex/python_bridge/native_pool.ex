@@ -199,6 +199,9 @@ defmodule DSPex.PythonBridge.NativePool do
   # What :infinity means to the native pool (30 years, as Tokio's own "far future").
   @native_infinity 946_080_000_000
 
+  # The call options, as strings: written so, they are refused rather than ignored.
+  @option_names ~w(pool pool_name pool_timeout timeout affinity retries max_retries tools tool_timeout into)
+
   @type session_id :: String.t() | atom() | integer()
   @type reason :: term()
   @type options :: keyword() | map()
@@ -298,7 +301,8 @@ defmodule DSPex.PythonBridge.NativePool do
       implementations of a ReAct program's declared tools (see "Streaming and Elixir tools")
     * `:tool_timeout` - how long one tool call may run, ms (default: 30_000)
 
-  Other keys are ignored, as SessionPoolV2 did. A bad option value raises `ArgumentError`
+  Other keys are ignored, as SessionPoolV2 did (keys that are not atoms too, but an option's
+  name written as a string, such as `"pool_name"`, raises). A bad option value raises `ArgumentError`
   (`got: ...`) before anything is sent. Bad data returns an error: a command that is not an
   atom or a UTF-8 string (`{:invalid_command, detail}`), a session id that is not a UTF-8
   string, an atom or an integer (`{:invalid_session_id, detail}`), arguments that are not a map
@@ -532,17 +536,12 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
-  defp pop_into!(opts) when is_map(opts), do: opts |> Map.to_list() |> pop_into!()
-
-  defp pop_into!(opts) when is_list(opts) do
-    case Keyword.keyword?(opts) && Keyword.pop(opts, :into) do
+  defp pop_into!(opts) do
+    case opts |> option_pairs!() |> Keyword.pop(:into) do
       {into, opts} when into == nil or is_pid(into) -> {into, opts}
       {into, _} -> bad_option!(:into, into, "a pid")
-      false -> {nil, call_options!(opts)}
     end
   end
-
-  defp pop_into!(opts), do: {nil, call_options!(opts)}
 
   defp start_stream(%Checkout{} = checkout, command, args, opts) do
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
@@ -655,6 +654,13 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
+  # A struct is written as its JSON (a string for a DateTime), not an object: args it is not.
+  defp args_map(%module{} = args) when is_atom(module),
+    do:
+      {:error,
+       {:invalid_args,
+        "args must be a map or a keyword list, got: #{inspect(args)} (a struct: put it under a key)"}}
+
   defp args_map(args) when is_map(args), do: {:ok, args}
 
   defp args_map(args) when is_list(args) do
@@ -698,15 +704,10 @@ defmodule DSPex.PythonBridge.NativePool do
 
   # Call options: a keyword list or a map (SessionPoolV2 took both); values checked before
   # anything is sent; `:pool_name` and `:max_retries` are SessionPoolV2's names.
-  defp call_options!(opts) when is_map(opts), do: opts |> Map.to_list() |> call_options!()
-
-  defp call_options!(opts) when is_list(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError,
-            "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
-    end
-
-    Enum.reduce(opts, [], fn
+  defp call_options!(opts) do
+    opts
+    |> option_pairs!()
+    |> Enum.reduce([], fn
       {key, value}, acc when key in [:pool, :pool_name] ->
         if value != nil and not is_atom(value),
           do: bad_option!(key, value, "a pool name (an atom)")
@@ -748,7 +749,36 @@ defmodule DSPex.PythonBridge.NativePool do
     end)
   end
 
-  defp call_options!(opts) do
+  # A proper list of 2-tuples (an improper one too is refused, not a FunctionClauseError).
+  defp pairs?([{_, _} | rest]), do: pairs?(rest)
+  defp pairs?(rest), do: rest == []
+
+  # The options as a keyword list. Keys that are not atoms are ignored, as SessionPoolV2's
+  # Keyword.get ignored them, except an option's name written as a string: ignoring that one
+  # would send the call elsewhere (`"pool_name"`) or with other timeouts than asked.
+  defp option_pairs!(opts) when is_map(opts), do: opts |> Map.to_list() |> option_pairs!()
+
+  defp option_pairs!(opts) when is_list(opts) do
+    if pairs?(opts) do
+      Enum.filter(opts, fn
+        {key, _} when is_atom(key) ->
+          true
+
+        {key, _} when key in @option_names ->
+          raise ArgumentError,
+                "expected the options to be a keyword list or a map, got: #{inspect(opts)} " <>
+                  "(the option #{inspect(key)} must be an atom key)"
+
+        _ ->
+          false
+      end)
+    else
+      raise ArgumentError,
+            "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+    end
+  end
+
+  defp option_pairs!(opts) do
     raise ArgumentError,
           "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
   end
