@@ -131,4 +131,10 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
       end
     end
   end
+
+  test "mix dspex_native_pool.doctor refuses pool sizes no pool takes" do
+    for args <- [["--pool-size", "-3"], ["--pool-size", "0"], ["--max-overflow", "-1"]] do
+      assert_raise Mix.Error, ~r/got: -?\d/, fn -> Mix.Tasks.DspexNativePool.Doctor.run(args) end
+    end
+  end
 end

@@ -30,6 +30,12 @@ defmodule Mix.Tasks.DspexNativePool.Doctor do
   def run(args) do
     {opts, _} = OptionParser.parse!(args, strict: [pool_size: :integer, max_overflow: :integer])
 
+    for {key, min} <- [pool_size: 1, max_overflow: 0], (n = opts[key]) != nil and n < min do
+      Mix.raise(
+        "expected --#{String.replace(to_string(key), "_", "-")} to be at least #{min}, got: #{n}"
+      )
+    end
+
     Mix.Task.run("compile")
     Mix.Task.run("loadconfig")
     results = checks(opts)
