@@ -97,6 +97,39 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
     end
   end
 
+  describe "sessions" do
+    test "the table is SessionPoolV2's: DSPex's test clean-up clears it; V2 reads its rows" do
+      id = "attack9_cleanup_#{System.unique_integer([:positive])}"
+      :ok = NativePool.track_session(id)
+      :ok = NativePool.update_session_activity(id)
+
+      # What SessionPoolV2.get_session_info/0 does with the table.
+      infos = :dspex_pool_sessions |> :ets.tab2list() |> Enum.map(fn {_id, info} -> info end)
+
+      assert %{operations: 1, started_at: _, last_activity: _} =
+               Enum.find(infos, &(&1.session_id == id))
+
+      # DSPex's test on_exit (its older tests call it without checking the table exists).
+      :ets.delete_all_objects(:dspex_pool_sessions)
+      refute Enum.any?(NativePool.get_session_info(), &(&1.session_id == id))
+    end
+
+    test "concurrent activity on one session loses no operation" do
+      id = "attack9_busy_#{System.unique_integer([:positive])}"
+
+      1..20
+      |> Enum.map(fn _ ->
+        Task.async(fn -> for _ <- 1..50, do: :ok = NativePool.update_session_activity(id) end)
+      end)
+      |> Enum.each(&Task.await/1)
+
+      assert %{operations: 1000} =
+               Enum.find(NativePool.get_session_info(), &(&1.session_id == id))
+
+      :ok = NativePool.end_session(id)
+    end
+  end
+
   describe "structs" do
     test "a struct as the whole args is refused, not sent as a JSON string" do
       name = unique_name()

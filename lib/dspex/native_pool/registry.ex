@@ -11,14 +11,20 @@ defmodule DSPex.NativePool.Registry do
 
   alias DSPex.NativePool.Native
 
-  @sessions :dspex_native_pool_sessions
+  # SessionPoolV2's table, with its rows (`{session_id, info}`): see NativePool's sessions.
+  @sessions :dspex_pool_sessions
   @session_tools :dspex_native_pool_session_tools
 
   def start_link(_opts), do: GenServer.start_link(__MODULE__, :ok, name: __MODULE__)
 
   @doc "The global session table, starting the application if it is not (a script, `-pa`)."
   def sessions do
-    if :ets.whereis(@sessions) == :undefined, do: ensure_started()
+    if :ets.whereis(@sessions) == :undefined do
+      ensure_started()
+      # Created by SessionPoolV2 in this VM, its owner gone since: this process owns it now.
+      if :ets.whereis(@sessions) == :undefined, do: GenServer.call(__MODULE__, :sessions_table)
+    end
+
     @sessions
   end
 
@@ -52,13 +58,7 @@ defmodule DSPex.NativePool.Registry do
 
   @impl true
   def init(:ok) do
-    :ets.new(@sessions, [
-      :set,
-      :public,
-      :named_table,
-      read_concurrency: true,
-      write_concurrency: true
-    ])
+    new_sessions_table()
 
     :ets.new(@session_tools, [:set, :public, :named_table, read_concurrency: true])
 
@@ -85,6 +85,11 @@ defmodule DSPex.NativePool.Registry do
     {:reply, :ok, forget(state, pid, false)}
   end
 
+  def handle_call(:sessions_table, _from, state) do
+    new_sessions_table()
+    {:reply, :ok, state}
+  end
+
   def handle_call(:pools, _from, state) do
     {:reply, for({_, {_, _, pool}} <- state.owners, do: pool.resource), state}
   end
@@ -108,6 +113,21 @@ defmodule DSPex.NativePool.Registry do
         # again.
         Enum.reduce(mine, state, &restore_alias/2)
     end
+  end
+
+  # SessionPoolV2 (in the same VM) may have created it already: then it is used as it is.
+  defp new_sessions_table do
+    if :ets.whereis(@sessions) == :undefined do
+      :ets.new(@sessions, [
+        :set,
+        :public,
+        :named_table,
+        read_concurrency: true,
+        write_concurrency: true
+      ])
+    end
+
+    :ok
   end
 
   defp own_name_of_other?(state, name, pid) do

@@ -571,7 +571,7 @@ defmodule DSPex.NativePool.Server do
 
     stale =
       :ets.select(Registry.sessions(), [
-        {{:"$1", :_, :"$2", :_}, [{:<, :"$2", cutoff}], [:"$1"]}
+        {{:"$1", %{last_activity: :"$2"}}, [{:<, :"$2", cutoff}], [:"$1"]}
       ])
 
     for session_id <- stale do

@@ -997,14 +997,17 @@ defmodule DSPex.PythonBridge.NativePool do
   end
 
   # ---- sessions ------------------------------------------------------------------------
-  # One table for every pool, as SessionPoolV2's: tracking works with no pool running.
+  # One table for every pool, SessionPoolV2's own (`:dspex_pool_sessions`, rows
+  # `{session_id, info}`): tracking works with no pool running, DSPex's test clean-up
+  # (`:ets.delete_all_objects(:dspex_pool_sessions)`) clears it, and SessionPoolV2 running in
+  # the same VM reads it.
 
   @doc "Starts tracking a session (ETS; no process round trip; no pool needed)."
   @spec track_session(session_id()) :: :ok | {:error, reason()}
   def track_session(session_id) do
     with {:ok, session_id} <- session_id(session_id) do
       now = System.monotonic_time(:millisecond)
-      :ets.insert_new(Registry.sessions(), {session_id, now, now, 0})
+      :ets.insert_new(Registry.sessions(), {session_id, session_info(session_id, now, 0)})
       :ok
     end
   end
@@ -1015,12 +1018,29 @@ defmodule DSPex.PythonBridge.NativePool do
     with {:ok, session_id} <- session_id(session_id), do: touch_session(session_id)
   end
 
+  defp session_info(session_id, now, operations),
+    do: %{session_id: session_id, started_at: now, last_activity: now, operations: operations}
+
+  # Lock-free: the row is replaced only if no other caller changed it meanwhile, else again.
   defp touch_session(session_id) do
     table = Registry.sessions()
     now = System.monotonic_time(:millisecond)
-    :ets.update_counter(table, session_id, {4, 1}, {session_id, now, now, 0})
-    :ets.update_element(table, session_id, {3, now})
-    :ok
+
+    case :ets.lookup(table, session_id) do
+      [{_, %{operations: ops, last_activity: last} = info}] when is_integer(ops) ->
+        new = %{info | last_activity: max(now, last), operations: ops + 1}
+        spec = [{{session_id, info}, [], [{{session_id, {:const, new}}}]}]
+        if :ets.select_replace(table, spec) == 1, do: :ok, else: touch_session(session_id)
+
+      [] ->
+        row = {session_id, session_info(session_id, now, 1)}
+        if :ets.insert_new(table, row), do: :ok, else: touch_session(session_id)
+
+      # A row not of this shape (written by other code): replaced.
+      [_] ->
+        :ets.insert(table, {session_id, session_info(session_id, now, 1)})
+        :ok
+    end
   end
 
   @doc """
@@ -1058,9 +1078,7 @@ defmodule DSPex.PythonBridge.NativePool do
   @doc "Lists tracked sessions as `%{session_id:, started_at:, last_activity:, operations:}`."
   @spec get_session_info() :: [map()]
   def get_session_info do
-    for {id, started, last, ops} <- :ets.tab2list(Registry.sessions()) do
-      %{session_id: id, started_at: started, last_activity: last, operations: ops}
-    end
+    for {_id, %{session_id: _} = info} <- :ets.tab2list(Registry.sessions()), do: info
   end
 
   # ---- status --------------------------------------------------------------------------
