@@ -43,6 +43,14 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
       # Stopping `a` must not unpublish the pool that really is named a_pool.
       :ok = stop_supervised(a)
       assert {:ok, %{"pid" => ^pid}} = NativePool.execute_anonymous(:ping, %{}, pool: a_pool)
+
+      # Started again, then the pool named a_pool stopped: V2's name reaches `a` once more.
+      start(a)
+      a_worker = worker_pid(a)
+      :ok = stop_supervised(a_pool)
+
+      assert {:ok, %{"pid" => ^a_worker}} =
+               NativePool.execute_anonymous(:ping, %{}, pool_name: a_pool)
     end
 
     test "V2's GenServer calls take a pid, as SessionPoolV2's did" do
