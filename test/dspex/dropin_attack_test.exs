@@ -85,6 +85,12 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
   end
 
   describe "options" do
+    test "a name no process can be registered under raises, not {:already_started, :undefined}" do
+      assert_raise ArgumentError, ~r/expected :name to be an atom.*got: :undefined/, fn ->
+        NativePool.start_link(name: :undefined, script: test_worker())
+      end
+    end
+
     test "unknown start keys raise ArgumentError with got:" do
       assert_raise ArgumentError, ~r/unknown keys \[:foo\].*got: /s, fn ->
         NativePool.start_link(foo: 1, script: test_worker())

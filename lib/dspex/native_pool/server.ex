@@ -77,7 +77,14 @@ defmodule DSPex.NativePool.Server do
 
     validated = [
       name:
-        check(opts, :name, NativePool.default_name(), &(is_atom(&1) and &1 != nil), "an atom"),
+        check(
+          opts,
+          :name,
+          NativePool.default_name(),
+          # :undefined cannot be registered (GenServer said {:already_started, :undefined}).
+          &(is_atom(&1) and &1 not in [nil, :undefined]),
+          "an atom (not nil or :undefined)"
+        ),
       pool_size:
         check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
       max_overflow:
