@@ -4,6 +4,8 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
   # Not async: sessions are global.
   use DSPex.NativePool.PoolCase, async: false
 
+  import ExUnit.CaptureLog
+
   alias DSPex.Adapters.PythonPoolNative
 
   defp unique_name, do: :"attack9_#{System.unique_integer([:positive])}"
@@ -60,6 +62,21 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
       assert %{pool_size: 1, session_affinity: %{}} = NativePool.get_pool_status(pid)
       assert {:ok, :healthy} = NativePool.health_check(pid)
       assert NativePool.get_pool_name_for(pid) == :"#{name}_pool"
+    end
+
+    test "a call or cast the pool does not know is refused; the pool and its workers stay" do
+      name = unique_name()
+      pid = start(name)
+      worker = worker_pid(name)
+
+      assert capture_log(fn ->
+               assert {:error, {:unknown_call, :get_stats}} = GenServer.call(name, :get_stats)
+               GenServer.cast(name, {:execute_in_session, "s", :ping, %{}})
+               assert %{pool_size: 1} = GenServer.call(name, :get_status)
+             end) =~ "unknown cast"
+
+      assert Process.whereis(name) == pid
+      assert {:ok, %{"pid" => ^worker}} = NativePool.execute_anonymous(:ping, %{}, pool: name)
     end
 
     test "a pid or name of no pool: ArgumentError / {:error, _}, never FunctionClauseError" do

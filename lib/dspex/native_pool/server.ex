@@ -570,6 +570,25 @@ defmodule DSPex.NativePool.Server do
     {:reply, NativePool.health_check(pool: state.pool.name), state}
   end
 
+  # A stray call or cast (SessionPoolV1's messages, a typo) is refused; it never takes the pool
+  # and its workers down.
+  def handle_call(request, _from, state) do
+    Logger.warning(
+      "DSPex native pool #{inspect(state.pool.name)}: unknown call #{inspect(request)}"
+    )
+
+    {:reply, {:error, {:unknown_call, request}}, state}
+  end
+
+  @impl true
+  def handle_cast(request, state) do
+    Logger.warning(
+      "DSPex native pool #{inspect(state.pool.name)}: unknown cast #{inspect(request)}"
+    )
+
+    {:noreply, state}
+  end
+
   @impl true
   def handle_info(:sweep_sessions, state) do
     # Sessions idle for longer than :session_ttl are ended, as SessionPoolV2 did, which also
