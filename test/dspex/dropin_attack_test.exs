@@ -201,4 +201,9 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
       assert_raise Mix.Error, ~r/got: -?\d/, fn -> Mix.Tasks.DspexNativePool.Doctor.run(args) end
     end
   end
+
+  test "the doctor's fix for a NIF that does not load is a command that runs here" do
+    # This project is not its own dependency (`mix deps.compile dspex_native_pool` fails here).
+    assert Mix.Tasks.DspexNativePool.Doctor.nif_fix() == "mix compile --force"
+  end
 end
