@@ -122,9 +122,11 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
       assert {:ok, _} = NativePool.execute_anonymous(:ping, %{}, %{"x" => 1, pool: name})
 
       # An option spelled as a string would silently go to the default pool: refused instead.
-      assert_raise ArgumentError, ~r/got: .*"pool_name" must be an atom key/, fn ->
-        NativePool.execute_anonymous(:ping, %{}, %{"pool_name" => name})
-      end
+      assert_raise ArgumentError,
+                   ~r/got: %\{"pool_name" => .*"pool_name" must be an atom key/,
+                   fn ->
+                     NativePool.execute_anonymous(:ping, %{}, %{"pool_name" => name})
+                   end
     end
   end
 

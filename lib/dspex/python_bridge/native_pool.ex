@@ -756,22 +756,11 @@ defmodule DSPex.PythonBridge.NativePool do
   # The options as a keyword list. Keys that are not atoms are ignored, as SessionPoolV2's
   # Keyword.get ignored them, except an option's name written as a string: ignoring that one
   # would send the call elsewhere (`"pool_name"`) or with other timeouts than asked.
-  defp option_pairs!(opts) when is_map(opts), do: opts |> Map.to_list() |> option_pairs!()
+  defp option_pairs!(opts) when is_map(opts), do: opts |> Map.to_list() |> atom_keys!(opts)
 
   defp option_pairs!(opts) when is_list(opts) do
     if pairs?(opts) do
-      Enum.filter(opts, fn
-        {key, _} when is_atom(key) ->
-          true
-
-        {key, _} when key in @option_names ->
-          raise ArgumentError,
-                "expected the options to be a keyword list or a map, got: #{inspect(opts)} " <>
-                  "(the option #{inspect(key)} must be an atom key)"
-
-        _ ->
-          false
-      end)
+      atom_keys!(opts, opts)
     else
       raise ArgumentError,
             "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
@@ -781,6 +770,21 @@ defmodule DSPex.PythonBridge.NativePool do
   defp option_pairs!(opts) do
     raise ArgumentError,
           "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+  end
+
+  defp atom_keys!(pairs, given) do
+    Enum.filter(pairs, fn
+      {key, _} when is_atom(key) ->
+        true
+
+      {key, _} when key in @option_names ->
+        raise ArgumentError,
+              "expected the options to be a keyword list or a map, got: #{inspect(given)} " <>
+                "(the option #{inspect(key)} must be an atom key)"
+
+      _ ->
+        false
+    end)
   end
 
   defp bad_option!(key, value, expected) do
