@@ -183,6 +183,23 @@ defmodule DSPex.PythonBridge.DropInAttackTest do
     end
   end
 
+  describe "structs at the depth limit" do
+    test "a Date where its string may be is written, as the string would be" do
+      name = unique_name()
+      start(name)
+      wrap = fn leaf -> Enum.reduce(1..249, %{d: leaf}, fn _, acc -> %{a: acc} end) end
+
+      assert {:ok, _} = NativePool.execute_anonymous(:echo, wrap.("2025-07-01"), pool: name)
+      assert {:ok, _} = NativePool.execute_anonymous(:echo, wrap.(~D[2025-07-01]), pool: name)
+
+      # One level deeper, both are refused alike.
+      assert {:error, {:invalid_args, too_deep}} =
+               NativePool.execute_anonymous(:echo, %{x: wrap.(~D[2025-07-01])}, pool: name)
+
+      assert too_deep =~ "nested deeper than 250 levels"
+    end
+  end
+
   describe "the adapter's bad input" do
     test "options or configs that are not a map or keyword list raise ArgumentError with got:" do
       for fun <- [
