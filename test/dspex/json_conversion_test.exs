@@ -228,7 +228,13 @@ defmodule DSPex.NativePool.JsonConversionTest do
       assert {:ok, converted} = Structs.convert(deep)
       assert {:ok, _} = Native.json_encode(converted)
 
-      too_deep = [deep]
+      # A struct where a string may be is converted, as the NIF asks; one inside a container
+      # over the limit is left for the NIF to refuse.
+      assert {:error, {:invalid_args, msg}} = Native.json_encode([deep])
+      assert msg =~ "is a struct (Date)"
+      assert {:ok, [^converted]} = Structs.convert([deep])
+      assert {:ok, _} = Native.json_encode([converted])
+      too_deep = [[deep]]
       assert {:ok, ^too_deep} = Structs.convert(too_deep)
       assert {:error, {:invalid_args, msg}} = Native.json_encode(too_deep)
       assert msg =~ "nested deeper than 250 levels"

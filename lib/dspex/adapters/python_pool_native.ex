@@ -401,9 +401,17 @@ defmodule DSPex.Adapters.PythonPoolNative do
   def session_adapter(session_id, pool_name_or_opts \\ nil) do
     bound =
       case pool_name_or_opts do
-        nil -> %{}
-        pool_name when is_atom(pool_name) -> %{pool_name: pool_name}
-        opts -> opts |> to_map() |> Map.take(@call_opts)
+        nil ->
+          %{}
+
+        pool_name when is_atom(pool_name) ->
+          %{pool_name: pool_name}
+
+        opts when is_map(opts) or is_list(opts) ->
+          opts |> to_map() |> Map.take(@call_opts)
+
+        other ->
+          raise ArgumentError, "expected a pool name (an atom) or options, got: #{inspect(other)}"
       end
       |> Map.put(:session_id, session_id)
 
@@ -470,7 +478,17 @@ defmodule DSPex.Adapters.PythonPoolNative do
 
   defp to_map(nil), do: %{}
   defp to_map(map) when is_map(map), do: map
-  defp to_map(list) when is_list(list), do: Map.new(list)
+
+  defp to_map(list) when is_list(list) do
+    if Keyword.keyword?(list), do: Map.new(list), else: bad_options!(list)
+  end
+
+  defp to_map(other), do: bad_options!(other)
+
+  defp bad_options!(other) do
+    raise ArgumentError,
+          "expected the config or options to be a map or a keyword list, got: #{inspect(other)}"
+  end
 
   defp session_id(config_or_options) do
     case Map.get(config_or_options, :session_id, @default_session) do

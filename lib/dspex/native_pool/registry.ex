@@ -11,14 +11,20 @@ defmodule DSPex.NativePool.Registry do
 
   alias DSPex.NativePool.Native
 
-  @sessions :dspex_native_pool_sessions
+  # SessionPoolV2's table, with its rows (`{session_id, info}`): see NativePool's sessions.
+  @sessions :dspex_pool_sessions
   @session_tools :dspex_native_pool_session_tools
 
   def start_link(_opts), do: GenServer.start_link(__MODULE__, :ok, name: __MODULE__)
 
   @doc "The global session table, starting the application if it is not (a script, `-pa`)."
   def sessions do
-    if :ets.whereis(@sessions) == :undefined, do: ensure_started()
+    if :ets.whereis(@sessions) == :undefined do
+      ensure_started()
+      # Created by SessionPoolV2 in this VM, its owner gone since: this process owns it now.
+      if :ets.whereis(@sessions) == :undefined, do: GenServer.call(__MODULE__, :sessions_table)
+    end
+
     @sessions
   end
 
@@ -37,7 +43,11 @@ defmodule DSPex.NativePool.Registry do
     :ok
   end
 
-  @doc "Publishes `pool` under each of `names` for callers, owned by the calling process."
+  @doc """
+  Publishes `pool` for callers under `[name | aliases]`, owned by the calling process. `name`
+  (the registered name of the caller) always wins; an alias (V2's `:"X_pool"`) never hides a
+  pool whose own name it is, and comes back when that pool stops.
+  """
   def publish(names, pool), do: GenServer.call(__MODULE__, {:publish, self(), names, pool})
 
   @doc "Erases what the calling process published; its native pool is the caller's to stop."
@@ -48,28 +58,24 @@ defmodule DSPex.NativePool.Registry do
 
   @impl true
   def init(:ok) do
-    :ets.new(@sessions, [
-      :set,
-      :public,
-      :named_table,
-      read_concurrency: true,
-      write_concurrency: true
-    ])
+    new_sessions_table()
 
     :ets.new(@session_tools, [:set, :public, :named_table, read_concurrency: true])
 
-    # owners: pid => {monitor, names, resource}; names: name => pid
+    # owners: pid => {monitor, [name | aliases], pool}; names: name => pid publishing it
     {:ok, %{owners: %{}, names: %{}}}
   end
 
   @impl true
-  def handle_call({:publish, pid, names, pool}, _from, state) do
+  def handle_call({:publish, pid, [name | aliases] = names, pool}, _from, state) do
     monitor = Process.monitor(pid)
-    Enum.each(names, &:persistent_term.put({DSPex.PythonBridge.NativePool, &1}, pool))
+    # An alias that is another running pool's own name stays that pool's.
+    mine = [name | Enum.reject(aliases, &own_name_of_other?(state, &1, pid))]
+    Enum.each(mine, &:persistent_term.put({DSPex.PythonBridge.NativePool, &1}, pool))
 
     state = %{
-      owners: Map.put(state.owners, pid, {monitor, names, pool.resource}),
-      names: Enum.reduce(names, state.names, &Map.put(&2, &1, pid))
+      owners: Map.put(state.owners, pid, {monitor, names, pool}),
+      names: Enum.reduce(mine, state.names, &Map.put(&2, &1, pid))
     }
 
     {:reply, :ok, state}
@@ -79,8 +85,13 @@ defmodule DSPex.NativePool.Registry do
     {:reply, :ok, forget(state, pid, false)}
   end
 
+  def handle_call(:sessions_table, _from, state) do
+    new_sessions_table()
+    {:reply, :ok, state}
+  end
+
   def handle_call(:pools, _from, state) do
-    {:reply, for({_, {_, _, resource}} <- state.owners, do: resource), state}
+    {:reply, for({_, {_, _, pool}} <- state.owners, do: pool.resource), state}
   end
 
   @impl true
@@ -91,13 +102,50 @@ defmodule DSPex.NativePool.Registry do
       {nil, _} ->
         state
 
-      {{monitor, names, resource}, owners} ->
+      {{monitor, names, pool}, owners} ->
         Process.demonitor(monitor, [:flush])
         # A name taken over by a newer owner stays with it.
         mine = Enum.filter(names, &(Map.get(state.names, &1) == pid))
         Enum.each(mine, &:persistent_term.erase({DSPex.PythonBridge.NativePool, &1}))
-        if stop?, do: Native.pool_stop(resource)
-        %{owners: owners, names: Map.drop(state.names, mine)}
+        if stop?, do: Native.pool_stop(pool.resource)
+        state = %{owners: owners, names: Map.drop(state.names, mine)}
+        # A freed name that is another pool's alias (its own name took it over) is that pool's
+        # again.
+        Enum.reduce(mine, state, &restore_alias/2)
+    end
+  end
+
+  # SessionPoolV2 (in the same VM) may have created it already: then it is used as it is.
+  defp new_sessions_table do
+    if :ets.whereis(@sessions) == :undefined do
+      :ets.new(@sessions, [
+        :set,
+        :public,
+        :named_table,
+        read_concurrency: true,
+        write_concurrency: true
+      ])
+    end
+
+    :ok
+  end
+
+  defp own_name_of_other?(state, name, pid) do
+    case Map.get(state.names, name) do
+      nil -> false
+      ^pid -> false
+      holder -> match?({_, [^name | _], _}, Map.get(state.owners, holder))
+    end
+  end
+
+  defp restore_alias(name, state) do
+    case Enum.find(state.owners, fn {_, {_, [_ | aliases], _}} -> name in aliases end) do
+      nil ->
+        state
+
+      {pid, {_, _, pool}} ->
+        :persistent_term.put({DSPex.PythonBridge.NativePool, name}, pool)
+        %{state | names: Map.put(state.names, name, pid)}
     end
   end
 end

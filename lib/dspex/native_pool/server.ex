@@ -52,7 +52,16 @@ defmodule DSPex.NativePool.Server do
       raise ArgumentError, "expected the pool options to be a keyword list, got: #{inspect(opts)}"
     end
 
-    opts = Keyword.validate!(opts, @options)
+    opts =
+      case Keyword.validate(opts, @options) do
+        {:ok, opts} ->
+          opts
+
+        {:error, unknown} ->
+          raise ArgumentError,
+                "unknown keys #{inspect(unknown)} (options SessionPoolV2 never knew either), " <>
+                  "the allowed keys are: #{inspect(@options)}, got: #{inspect(opts)}"
+      end
 
     if Keyword.has_key?(opts, :worker_module) do
       Logger.debug(
@@ -68,7 +77,14 @@ defmodule DSPex.NativePool.Server do
 
     validated = [
       name:
-        check(opts, :name, NativePool.default_name(), &(is_atom(&1) and &1 != nil), "an atom"),
+        check(
+          opts,
+          :name,
+          NativePool.default_name(),
+          # :undefined cannot be registered (GenServer said {:already_started, :undefined}).
+          &(is_atom(&1) and &1 not in [nil, :undefined]),
+          "an atom (not nil or :undefined)"
+        ),
       pool_size:
         check(opts, :pool_size, System.schedulers_online() * 2, &pos_int?/1, "a positive integer"),
       max_overflow:
@@ -554,6 +570,25 @@ defmodule DSPex.NativePool.Server do
     {:reply, NativePool.health_check(pool: state.pool.name), state}
   end
 
+  # A stray call or cast (SessionPoolV1's messages, a typo) is refused; it never takes the pool
+  # and its workers down.
+  def handle_call(request, _from, state) do
+    Logger.warning(
+      "DSPex native pool #{inspect(state.pool.name)}: unknown call #{inspect(request)}"
+    )
+
+    {:reply, {:error, {:unknown_call, request}}, state}
+  end
+
+  @impl true
+  def handle_cast(request, state) do
+    Logger.warning(
+      "DSPex native pool #{inspect(state.pool.name)}: unknown cast #{inspect(request)}"
+    )
+
+    {:noreply, state}
+  end
+
   @impl true
   def handle_info(:sweep_sessions, state) do
     # Sessions idle for longer than :session_ttl are ended, as SessionPoolV2 did, which also
@@ -562,7 +597,7 @@ defmodule DSPex.NativePool.Server do
 
     stale =
       :ets.select(Registry.sessions(), [
-        {{:"$1", :_, :"$2", :_}, [{:<, :"$2", cutoff}], [:"$1"]}
+        {{:"$1", %{last_activity: :"$2"}}, [{:<, :"$2", cutoff}], [:"$1"]}
       ])
 
     for session_id <- stale do

@@ -37,12 +37,14 @@ defmodule DSPex.NativePool.Structs do
   end
 
   # `path` is reversed: the innermost key or index first; only formatted for an error.
-  defp walk(term, _path, depth) when depth >= @max_depth, do: term
-
+  # A struct is converted at any depth a value may have (a DateTime where its string would be
+  # accepted); containers are walked only up to the limit.
   defp walk(%module{} = struct, _path, _depth) when module in @calendar,
     do: module.to_iso8601(struct)
 
   defp walk(%module{} = struct, path, _depth) when is_atom(module), do: via_jason(struct, path)
+
+  defp walk(term, _path, depth) when depth >= @max_depth, do: term
 
   defp walk(map, path, depth) when is_map(map),
     do: Map.new(map, fn {k, v} -> {k, walk(v, [{:key, k} | path], depth + 1)} end)

@@ -199,6 +199,9 @@ defmodule DSPex.PythonBridge.NativePool do
   # What :infinity means to the native pool (30 years, as Tokio's own "far future").
   @native_infinity 946_080_000_000
 
+  # The call options, as strings: written so, they are refused rather than ignored.
+  @option_names ~w(pool pool_name pool_timeout timeout affinity retries max_retries tools tool_timeout into)
+
   @type session_id :: String.t() | atom() | integer()
   @type reason :: term()
   @type options :: keyword() | map()
@@ -247,11 +250,37 @@ defmodule DSPex.PythonBridge.NativePool do
   SessionPoolV2's name of the pool behind the process `name`: what DSPex code passes back as
   the `:pool_name` call option. Calls accept it, as they accept `name` itself as `:pool`.
   """
-  @spec get_pool_name_for(atom()) :: atom()
-  def get_pool_name_for(name \\ __MODULE__) when is_atom(name) do
+  @spec get_pool_name_for(atom() | pid()) :: atom()
+  def get_pool_name_for(name \\ __MODULE__)
+
+  def get_pool_name_for(pid) when is_pid(pid), do: get_pool_name_for(owner_name!(pid))
+
+  def get_pool_name_for(name) when is_atom(name) do
     case Server.fetch(name) do
-      {:ok, pool} -> Server.pool_name(pool.name)
-      {:error, _} -> GenServer.call(name, :get_pool_name)
+      {:ok, pool} ->
+        Server.pool_name(pool.name)
+
+      # Registered but not published yet (still starting): its process answers once it is up.
+      {:error, _} ->
+        if Process.whereis(name),
+          do: GenServer.call(name, :get_pool_name),
+          else: Server.fetch!(name)
+    end
+  end
+
+  def get_pool_name_for(other),
+    do: raise(ArgumentError, "expected a pool name (an atom) or its pid, got: #{inspect(other)}")
+
+  # SessionPoolV2's functions took its process's pid too: the name the pool's owner is
+  # registered under (every pool's owner is).
+  defp owner_name!(pid) do
+    case Process.info(pid, :registered_name) do
+      {:registered_name, name} when is_atom(name) and name != [] ->
+        name
+
+      _ ->
+        raise ArgumentError,
+              "no DSPex.PythonBridge.NativePool is running as this process, got: #{inspect(pid)}"
     end
   end
 
@@ -272,7 +301,8 @@ defmodule DSPex.PythonBridge.NativePool do
       implementations of a ReAct program's declared tools (see "Streaming and Elixir tools")
     * `:tool_timeout` - how long one tool call may run, ms (default: 30_000)
 
-  Other keys are ignored, as SessionPoolV2 did. A bad option value raises `ArgumentError`
+  Other keys are ignored, as SessionPoolV2 did (keys that are not atoms too, but an option's
+  name written as a string, such as `"pool_name"`, raises). A bad option value raises `ArgumentError`
   (`got: ...`) before anything is sent. Bad data returns an error: a command that is not an
   atom or a UTF-8 string (`{:invalid_command, detail}`), a session id that is not a UTF-8
   string, an atom or an integer (`{:invalid_session_id, detail}`), arguments that are not a map
@@ -506,17 +536,12 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
-  defp pop_into!(opts) when is_map(opts), do: opts |> Map.to_list() |> pop_into!()
-
-  defp pop_into!(opts) when is_list(opts) do
-    case Keyword.keyword?(opts) && Keyword.pop(opts, :into) do
+  defp pop_into!(opts) do
+    case opts |> option_pairs!() |> Keyword.pop(:into) do
       {into, opts} when into == nil or is_pid(into) -> {into, opts}
       {into, _} -> bad_option!(:into, into, "a pid")
-      false -> {nil, call_options!(opts)}
     end
   end
-
-  defp pop_into!(opts), do: {nil, call_options!(opts)}
 
   defp start_stream(%Checkout{} = checkout, command, args, opts) do
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
@@ -629,6 +654,13 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
+  # A struct is written as its JSON (a string for a DateTime), not an object: args it is not.
+  defp args_map(%module{} = args) when is_atom(module),
+    do:
+      {:error,
+       {:invalid_args,
+        "args must be a map or a keyword list, got: #{inspect(args)} (a struct: put it under a key)"}}
+
   defp args_map(args) when is_map(args), do: {:ok, args}
 
   defp args_map(args) when is_list(args) do
@@ -672,15 +704,10 @@ defmodule DSPex.PythonBridge.NativePool do
 
   # Call options: a keyword list or a map (SessionPoolV2 took both); values checked before
   # anything is sent; `:pool_name` and `:max_retries` are SessionPoolV2's names.
-  defp call_options!(opts) when is_map(opts), do: opts |> Map.to_list() |> call_options!()
-
-  defp call_options!(opts) when is_list(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError,
-            "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
-    end
-
-    Enum.reduce(opts, [], fn
+  defp call_options!(opts) do
+    opts
+    |> option_pairs!()
+    |> Enum.reduce([], fn
       {key, value}, acc when key in [:pool, :pool_name] ->
         if value != nil and not is_atom(value),
           do: bad_option!(key, value, "a pool name (an atom)")
@@ -722,9 +749,42 @@ defmodule DSPex.PythonBridge.NativePool do
     end)
   end
 
-  defp call_options!(opts) do
+  # A proper list of 2-tuples (an improper one too is refused, not a FunctionClauseError).
+  defp pairs?([{_, _} | rest]), do: pairs?(rest)
+  defp pairs?(rest), do: rest == []
+
+  # The options as a keyword list. Keys that are not atoms are ignored, as SessionPoolV2's
+  # Keyword.get ignored them, except an option's name written as a string: ignoring that one
+  # would send the call elsewhere (`"pool_name"`) or with other timeouts than asked.
+  defp option_pairs!(opts) when is_map(opts), do: opts |> Map.to_list() |> atom_keys!(opts)
+
+  defp option_pairs!(opts) when is_list(opts) do
+    if pairs?(opts) do
+      atom_keys!(opts, opts)
+    else
+      raise ArgumentError,
+            "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+    end
+  end
+
+  defp option_pairs!(opts) do
     raise ArgumentError,
           "expected the options to be a keyword list or a map, got: #{inspect(opts)}"
+  end
+
+  defp atom_keys!(pairs, given) do
+    Enum.filter(pairs, fn
+      {key, _} when is_atom(key) ->
+        true
+
+      {key, _} when key in @option_names ->
+        raise ArgumentError,
+              "expected the options to be a keyword list or a map, got: #{inspect(given)} " <>
+                "(the option #{inspect(key)} must be an atom key)"
+
+      _ ->
+        false
+    end)
   end
 
   defp bad_option!(key, value, expected) do
@@ -941,14 +1001,17 @@ defmodule DSPex.PythonBridge.NativePool do
   end
 
   # ---- sessions ------------------------------------------------------------------------
-  # One table for every pool, as SessionPoolV2's: tracking works with no pool running.
+  # One table for every pool, SessionPoolV2's own (`:dspex_pool_sessions`, rows
+  # `{session_id, info}`): tracking works with no pool running, DSPex's test clean-up
+  # (`:ets.delete_all_objects(:dspex_pool_sessions)`) clears it, and SessionPoolV2 running in
+  # the same VM reads it.
 
   @doc "Starts tracking a session (ETS; no process round trip; no pool needed)."
   @spec track_session(session_id()) :: :ok | {:error, reason()}
   def track_session(session_id) do
     with {:ok, session_id} <- session_id(session_id) do
       now = System.monotonic_time(:millisecond)
-      :ets.insert_new(Registry.sessions(), {session_id, now, now, 0})
+      :ets.insert_new(Registry.sessions(), {session_id, session_info(session_id, now, 0)})
       :ok
     end
   end
@@ -959,12 +1022,29 @@ defmodule DSPex.PythonBridge.NativePool do
     with {:ok, session_id} <- session_id(session_id), do: touch_session(session_id)
   end
 
+  defp session_info(session_id, now, operations),
+    do: %{session_id: session_id, started_at: now, last_activity: now, operations: operations}
+
+  # Lock-free: the row is replaced only if no other caller changed it meanwhile, else again.
   defp touch_session(session_id) do
     table = Registry.sessions()
     now = System.monotonic_time(:millisecond)
-    :ets.update_counter(table, session_id, {4, 1}, {session_id, now, now, 0})
-    :ets.update_element(table, session_id, {3, now})
-    :ok
+
+    case :ets.lookup(table, session_id) do
+      [{_, %{operations: ops, last_activity: last} = info}] when is_integer(ops) ->
+        new = %{info | last_activity: max(now, last), operations: ops + 1}
+        spec = [{{session_id, info}, [], [{{session_id, {:const, new}}}]}]
+        if :ets.select_replace(table, spec) == 1, do: :ok, else: touch_session(session_id)
+
+      [] ->
+        row = {session_id, session_info(session_id, now, 1)}
+        if :ets.insert_new(table, row), do: :ok, else: touch_session(session_id)
+
+      # A row not of this shape (written by other code): replaced.
+      [_] ->
+        :ets.insert(table, {session_id, session_info(session_id, now, 1)})
+        :ok
+    end
   end
 
   @doc """
@@ -1002,15 +1082,13 @@ defmodule DSPex.PythonBridge.NativePool do
   @doc "Lists tracked sessions as `%{session_id:, started_at:, last_activity:, operations:}`."
   @spec get_session_info() :: [map()]
   def get_session_info do
-    for {id, started, last, ops} <- :ets.tab2list(Registry.sessions()) do
-      %{session_id: id, started_at: started, last_activity: last, operations: ops}
-    end
+    for {_id, %{session_id: _} = info} <- :ets.tab2list(Registry.sessions()), do: info
   end
 
   # ---- status --------------------------------------------------------------------------
 
   @doc """
-  The state of the pool `name` (or of `[pool: name]`): SessionPoolV2's keys (`pool_size`,
+  The state of the pool `name` (its pid, or `[pool: name]`): SessionPoolV2's keys (`pool_size`,
   `max_overflow`, `active_sessions`, `sessions`, `uptime_ms`, `session_affinity`) plus live
   worker counts (`ready`, `busy`, `starting`, `overflow`), `queued_callers`, `worker_pids`,
   `last_start_error` and `counters`. A worker running requests counts as `busy`; `in_flight` is
@@ -1022,10 +1100,11 @@ defmodule DSPex.PythonBridge.NativePool do
   how many sessions were re-created on another worker (`%{mode:, restores:}`).
   Raises `ArgumentError` when no such pool is running.
   """
-  @spec get_pool_status(atom() | options()) :: map()
+  @spec get_pool_status(atom() | pid() | options()) :: map()
   def get_pool_status(name_or_opts \\ [])
 
   def get_pool_status(name) when is_atom(name), do: get_pool_status(pool: name)
+  def get_pool_status(pid) when is_pid(pid), do: get_pool_status(owner_name!(pid))
 
   def get_pool_status(opts) do
     pool = Server.fetch!(call_options!(opts)[:pool])
@@ -1047,16 +1126,23 @@ defmodule DSPex.PythonBridge.NativePool do
 
   @doc """
   Pings every worker that is free (each on its own checkout; at least one, waiting for it if
-  all are busy) and checks that workers can start. Takes a pool name, or options.
+  all are busy) and checks that workers can start. Takes a pool name, its pid, or options.
 
   Returns `{:ok, :healthy}` or `{:error, {:unhealthy, reason}}`, where `reason` is the first
   failure (for example `{:checkout_failed, "no worker could be started: ..."}`).
   Options: `:pool` (`:pool_name`), `:timeout` (per ping and per wait for a worker, default 5_000).
   """
-  @spec health_check(atom() | options()) :: {:ok, :healthy} | {:error, {:unhealthy, reason()}}
+  @spec health_check(atom() | pid() | options()) ::
+          {:ok, :healthy} | {:error, {:unhealthy, reason()}}
   def health_check(name_or_opts \\ [])
 
   def health_check(name) when is_atom(name), do: health_check(pool: name)
+
+  def health_check(pid) when is_pid(pid) do
+    health_check(owner_name!(pid))
+  rescue
+    e in ArgumentError -> {:error, {:unhealthy, {:checkout_failed, Exception.message(e)}}}
+  end
 
   def health_check(opts) do
     opts = call_options!(opts)

@@ -30,6 +30,12 @@ defmodule Mix.Tasks.DspexNativePool.Doctor do
   def run(args) do
     {opts, _} = OptionParser.parse!(args, strict: [pool_size: :integer, max_overflow: :integer])
 
+    for {key, min} <- [pool_size: 1, max_overflow: 0], (n = opts[key]) != nil and n < min do
+      Mix.raise(
+        "expected --#{String.replace(to_string(key), "_", "-")} to be at least #{min}, got: #{n}"
+      )
+    end
+
     Mix.Task.run("compile")
     Mix.Task.run("loadconfig")
     results = checks(opts)
@@ -144,14 +150,21 @@ defmodule Mix.Tasks.DspexNativePool.Doctor do
           {:ok, "nif", "loaded", nil}
         rescue
           e ->
-            {:error, "nif", "does not load: #{Exception.message(e)}",
-             "mix deps.compile dspex_native_pool --force"}
+            {:error, "nif", "does not load: #{Exception.message(e)}", nif_fix()}
         end
 
       {:error, reason} ->
-        {:error, "nif", "module not loaded: #{inspect(reason)}",
-         "mix deps.compile dspex_native_pool --force"}
+        {:error, "nif", "module not loaded: #{inspect(reason)}", nif_fix()}
     end
+  end
+
+  @doc false
+  # In this project's own checkout it is not a dependency: `mix deps.compile` would say
+  # "Unknown dependency dspex_native_pool".
+  def nif_fix do
+    if Mix.Project.config()[:app] == :dspex_native_pool,
+      do: "mix compile --force",
+      else: "mix deps.compile dspex_native_pool --force"
   end
 
   defp fd_check(opts) do

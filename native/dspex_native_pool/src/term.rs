@@ -85,7 +85,11 @@ enum Fail {
         what: String,
         container: bool,
     },
-    Struct(String),
+    /// `container`: the struct is the innermost open container (else the current element).
+    Struct {
+        module: String,
+        container: bool,
+    },
     OverBudget,
 }
 
@@ -140,11 +144,11 @@ pub fn write_json(term: Term, out: &mut Vec<u8>, budget: usize) -> Result<(), En
         match step {
             Ok(n) => next = n,
             Err(Fail::OverBudget) => return Err(EncodeError::OverBudget),
-            Err(Fail::Struct(module)) => {
+            Err(Fail::Struct { module, container }) => {
                 return Err(EncodeError::Struct(format!(
                     "{} is a struct ({module}): DSPex.NativePool.Structs.convert/1 writes \
                      structs, the NIF does not",
-                    path(&stack, true)
+                    path(&stack, container)
                 )))
             }
             Err(Fail::Refused { what, container }) => {
@@ -211,6 +215,16 @@ fn write_value<'a>(
             stack.push(Frame::Tuple { elems, index: 0 });
         }
         TermType::Map => {
+            // A struct is a value once converted (a DateTime's string): at the depth limit it
+            // is reported as a struct, as anywhere else, not refused as too deep.
+            if stack.len() >= MAX_DEPTH {
+                if let Some(module) = struct_module(term) {
+                    return Err(Fail::Struct {
+                        module,
+                        container: false,
+                    });
+                }
+            }
             open(stack)?;
             let iter = MapIterator::new(term).ok_or_else(|| refusal("is a bad map"))?;
             out.push(b'{');
@@ -345,9 +359,10 @@ fn write_key(k: Term, v: Term, out: &mut Vec<u8>, budget: usize) -> Result<u8, F
             .map_err(|_| container_refusal("has an unreadable atom key"))?;
             if is_struct {
                 let module = atom_text(v).unwrap_or_default();
-                return Err(Fail::Struct(
-                    module.trim_start_matches("Elixir.").to_owned(),
-                ));
+                return Err(Fail::Struct {
+                    module: module.trim_start_matches("Elixir.").to_owned(),
+                    container: true,
+                });
             }
             Ok(ATOM_KEY)
         }
@@ -442,6 +457,17 @@ fn write_int(term: Term, out: &mut Vec<u8>) -> Result<(), Fail> {
         ));
     }
     Ok(())
+}
+
+/// The module of a struct (its `__struct__` atom), or None for another map.
+fn struct_module(map: Term) -> Option<String> {
+    let env = map.get_env();
+    let key = rustler::Atom::from_str(env, "__struct__")
+        .ok()?
+        .to_term(env);
+    let module = map.map_get(key).ok().filter(|m| m.is_atom())?;
+    let name = atom_text(module).ok()?;
+    Some(name.trim_start_matches("Elixir.").to_owned())
 }
 
 /// An atom's name, whatever its characters.
