@@ -270,32 +270,25 @@ defmodule DSPex.PythonBridge.NativePoolTest do
 
   describe "sessions" do
     test "a session finds its programs after the worker holding them is killed" do
-      opts = start_pool(pool_size: 2)
-
-      {:ok, %{"program_id" => "p1"}} =
-        NativePool.execute_in_session("s", :create_program, %{id: "p1"}, opts)
-
-      {:ok, %{"worker_pid" => holder}} =
-        NativePool.execute_in_session("s", :execute_program, %{program_id: "p1"}, opts)
-
-      System.cmd("kill", ["-9", to_string(holder)])
-      eventually(fn -> not alive?(holder) end)
-
-      assert {:ok, %{"worker_pid" => other}} =
-               NativePool.execute_in_session("s", :execute_program, %{program_id: "p1"}, opts)
-
-      assert other != holder
-      assert status(opts).counters.restores == 1
+      assert_recreated_after_kill(%{id: "p1"})
     end
 
     test "a program whose spec nests 200 levels deep is re-created too" do
       # The record used to be parsed with serde_json, which stops at 128 levels: such a
       # program was not recorded, and gone ("Program not found") once its worker died.
+      assert_recreated_after_kill(%{
+        id: "p1",
+        signature: Enum.reduce(1..200, "leaf", fn _, acc -> [acc] end)
+      })
+    end
+
+    # Creates program "p1" from `spec` in session "s", kills the worker that holds it, and
+    # checks the session's next call finds it on another worker (one restore).
+    defp assert_recreated_after_kill(spec) do
       opts = start_pool(pool_size: 2)
-      deep = Enum.reduce(1..200, "leaf", fn _, acc -> [acc] end)
 
       {:ok, %{"program_id" => "p1"}} =
-        NativePool.execute_in_session("s", :create_program, %{id: "p1", signature: deep}, opts)
+        NativePool.execute_in_session("s", :create_program, spec, opts)
 
       {:ok, %{"worker_pid" => holder}} =
         NativePool.execute_in_session("s", :execute_program, %{program_id: "p1"}, opts)

@@ -512,6 +512,39 @@ fn an_unknown_id_from_a_v2_worker_is_dropped_from_a_v1_worker_recycles() {
     );
 }
 
+/// Runs `request` (a `configure_lm`) as lease `lease` and answers it: returns the worker that
+/// ran it and the workers the pool then replayed it to.
+fn configure_and_replays(
+    core: &mut Core<u64>,
+    lease: u64,
+    request: Request,
+    now: Instant,
+) -> (u64, Vec<u64>) {
+    let mut fx = Vec::new();
+    let event = Event::Acquire {
+        lease,
+        mode: Mode::Anonymous,
+        once: Some(request),
+        reply: lease,
+        pool_timeout: Duration::from_secs(5),
+        owner: lease,
+    };
+    core.step(event, now, &mut fx);
+    let (w, id) = written(&fx)
+        .into_iter()
+        .find(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, v)| (w, v["id"].as_u64().unwrap()))
+        .unwrap();
+    let mut fx = Vec::new();
+    core.step(frame(w, id, Ok(b"{}")), now, &mut fx);
+    let replayed = written(&fx)
+        .into_iter()
+        .filter(|(_, v)| v["command"] == "configure_lm")
+        .map(|(w, _)| w)
+        .collect();
+    (w, replayed)
+}
+
 #[test]
 fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
     let (mut core, t0) = started(2, Some(4), None, Duration::from_secs(30));
@@ -522,35 +555,15 @@ fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
     execute(&mut core, 3, Mode::Anonymous, t0, &mut fx);
     let sent = requests(&fx);
     let busy = sent[0].0;
-    let mut fx = Vec::new();
-    let event = Event::Acquire {
-        lease: 4,
-        mode: Mode::Anonymous,
-        once: Some(Request {
-            command: "configure_lm".into(),
-            args: br#"{"provider":"dummy"}"#.to_vec(),
-            timeout: Duration::from_secs(5),
-            members: None,
-            frame: None,
-        }),
-        reply: 4,
-        pool_timeout: Duration::from_secs(5),
-        owner: 4,
+    let request = Request {
+        command: "configure_lm".into(),
+        args: br#"{"provider":"dummy"}"#.to_vec(),
+        timeout: Duration::from_secs(5),
+        members: None,
+        frame: None,
     };
-    core.step(event, t0, &mut fx);
-    let (w, id) = written(&fx)
-        .into_iter()
-        .find(|(_, v)| v["command"] == "configure_lm")
-        .map(|(w, v)| (w, v["id"].as_u64().unwrap()))
-        .unwrap();
-    let mut fx = Vec::new();
-    core.step(frame(w, id, Ok(b"{}")), t0, &mut fx);
+    let (w, replayed) = configure_and_replays(&mut core, 4, request, t0);
     // Every other worker gets it at once, shared or not, and keeps taking requests.
-    let replayed: Vec<u64> = written(&fx)
-        .into_iter()
-        .filter(|(_, v)| v["command"] == "configure_lm")
-        .map(|(w, _)| w)
-        .collect();
     assert_eq!(replayed, vec![if w == 1 { 2 } else { 1 }]);
     assert!(replayed.contains(&busy) || w == busy);
     let mut fx = Vec::new();
@@ -569,34 +582,14 @@ fn a_global_configuration_reaches_a_shared_worker_without_draining_it() {
 #[test]
 fn a_recorded_request_is_read_when_it_enters_the_pool_not_at_its_reply() {
     let (mut core, t0) = started(2, Some(4), None, Duration::from_secs(30));
-    let mut fx = Vec::new();
-    let event = Event::Acquire {
-        lease: 1,
-        mode: Mode::Anonymous,
-        once: Some(Request {
-            command: "configure_lm".into(),
-            args: br#"{"session_id":"s","provider":"dummy"}"#.to_vec(),
-            timeout: Duration::from_secs(5),
-            members: dspex_pool_core::json::RawObject::parse(br#"{"provider":"dummy"}"#),
-            frame: None,
-        }),
-        reply: 1,
-        pool_timeout: Duration::from_secs(5),
-        owner: 1,
+    let request = Request {
+        command: "configure_lm".into(),
+        args: br#"{"session_id":"s","provider":"dummy"}"#.to_vec(),
+        timeout: Duration::from_secs(5),
+        members: dspex_pool_core::json::RawObject::parse(br#"{"provider":"dummy"}"#),
+        frame: None,
     };
-    core.step(event, t0, &mut fx);
-    let (w, id) = written(&fx)
-        .into_iter()
-        .find(|(_, v)| v["command"] == "configure_lm")
-        .map(|(w, v)| (w, v["id"].as_u64().unwrap()))
-        .unwrap();
-    let mut fx = Vec::new();
-    core.step(frame(w, id, Ok(b"{}")), t0, &mut fx);
-    let replayed: Vec<u64> = written(&fx)
-        .into_iter()
-        .filter(|(_, v)| v["command"] == "configure_lm")
-        .map(|(w, _)| w)
-        .collect();
+    let (w, replayed) = configure_and_replays(&mut core, 1, request, t0);
     assert_eq!(replayed, vec![if w == 1 { 2 } else { 1 }]);
     core.audit().unwrap();
 }
