@@ -40,6 +40,29 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
     assert :ok = NativePool.checkin(real)
   end
 
+  test "a %Checkout{} whose pool is not a pool's record gets the same clear errors" do
+    opts = start_pool(pool_size: 1)
+    {:ok, real} = NativePool.checkout(:anonymous, opts)
+
+    # Before: a KeyError or BadMapError from call/4, execute_stream/4 and checkin/1.
+    for pool <- [nil, %{}, :pool, %{name: :x}] do
+      forged = %{real | pool: pool}
+
+      assert {:error, {:checkout_failed, @not_a_checkout <> _}} =
+               NativePool.call(forged, :echo, %{})
+
+      assert [{:error, {:checkout_failed, @not_a_checkout <> _}}] =
+               Enum.to_list(NativePool.execute_stream(forged, :echo, %{}))
+
+      assert_raise ArgumentError, ~r/#{@not_a_checkout}.*got pool: /, fn ->
+        NativePool.checkin(forged)
+      end
+    end
+
+    assert {:ok, _} = NativePool.call(real, :ping, %{})
+    assert :ok = NativePool.checkin(real)
+  end
+
   test "a checkout of a stopped pool: big args and streams say the pool is stopping too" do
     opts = start_pool(pool_size: 1)
     {:ok, checkout} = NativePool.checkout(:anonymous, opts)

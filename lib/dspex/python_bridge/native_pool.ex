@@ -543,7 +543,7 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
-  defp start_stream(%Checkout{} = checkout, command, args, opts) do
+  defp start_stream(%Checkout{pool: %{resource: _}} = checkout, command, args, opts) do
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
 
     with {:ok, command} <- command(command),
@@ -569,6 +569,9 @@ defmodule DSPex.PythonBridge.NativePool do
            do: {:ok, ref, checkout.pool, wait_ms(timeout, 0)}
     end
   end
+
+  defp start_stream(%Checkout{} = checkout, _command, _args, _opts),
+    do: not_a_checkout(checkout)
 
   defp start_stream(target, command, args, opts) do
     with {:ok, mode, args} <- stream_mode(target, args, opts),
@@ -875,7 +878,9 @@ defmodule DSPex.PythonBridge.NativePool do
   """
   @spec call(Checkout.t(), atom() | String.t(), map(), options()) ::
           {:ok, term()} | {:error, reason()}
-  def call(%Checkout{} = checkout, command, args, opts \\ []) do
+  def call(checkout, command, args, opts \\ [])
+
+  def call(%Checkout{pool: %{resource: _}} = checkout, command, args, opts) do
     opts = call_options!(opts)
     timeout = Keyword.get(opts, :timeout, checkout.pool.operation_timeout)
 
@@ -931,6 +936,9 @@ defmodule DSPex.PythonBridge.NativePool do
     end
   end
 
+  # A %Checkout{} whose pool is not a running pool's record (built by hand).
+  def call(%Checkout{} = checkout, _command, _args, _opts), do: not_a_checkout(checkout)
+
   @doc """
   Writes a control frame (protocol 2) for the request in flight of `lease`, the integer of
   its `{ref, {:event, lease, map}}` messages: `body` is a map such as
@@ -976,11 +984,23 @@ defmodule DSPex.PythonBridge.NativePool do
   `%Checkout{}` that `checkout/2` did not make.
   """
   @spec checkin(Checkout.t()) :: :ok
-  def checkin(%Checkout{lease: lease, pool: pool}) do
-    case Native.checkin(pool.resource, lease) do
+  def checkin(%Checkout{lease: lease, pool: %{resource: resource}}) do
+    case Native.checkin(resource, lease) do
       :ok -> :ok
       {:error, {:checkout_failed, why}} -> raise ArgumentError, "#{why}, got: #{inspect(lease)}"
     end
+  end
+
+  def checkin(%Checkout{} = checkout) do
+    {:error, {:checkout_failed, why}} = not_a_checkout(checkout)
+    raise ArgumentError, why
+  end
+
+  defp not_a_checkout(%Checkout{pool: pool}) do
+    {:error,
+     {:checkout_failed,
+      "not a checkout made by checkout/2 (its pool is no running pool's), got pool: " <>
+        inspect(pool)}}
   end
 
   @doc """
