@@ -7,6 +7,15 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
 
   defp pool_struct(opts), do: elem(DSPex.NativePool.Server.fetch(opts[:pool]), 1)
 
+  # call/4 and execute_stream/4 (as a list) refuse `forged`.
+  defp assert_call_and_stream_refused(forged, args) do
+    assert {:error, {:checkout_failed, @not_a_checkout <> _}} =
+             NativePool.call(forged, :echo, args)
+
+    assert [{:error, {:checkout_failed, @not_a_checkout <> _}}] =
+             Enum.to_list(NativePool.execute_stream(forged, :echo, args))
+  end
+
   test "call/4, execute_stream/4 and checkin/1 refuse every kind of hand-built lease" do
     opts = start_pool(pool_size: 1)
     pool = pool_struct(opts)
@@ -16,14 +25,10 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
       forged = %{real | lease: lease}
 
       for args <- [%{}, @big] do
-        assert {:error, {:checkout_failed, @not_a_checkout <> _}} =
-                 NativePool.call(forged, :echo, args)
+        assert_call_and_stream_refused(forged, args)
 
         assert {:error, {:checkout_failed, @not_a_checkout <> _}} =
                  Native.call_dirty(pool.resource, lease, make_ref(), "echo", args, 1_000, true)
-
-        assert [{:error, {:checkout_failed, @not_a_checkout <> _}}] =
-                 Enum.to_list(NativePool.execute_stream(forged, :echo, args))
 
         {:ok, ref} = NativePool.execute_stream(forged, :echo, args, into: self())
         assert_receive {^ref, {:error, {:checkout_failed, @not_a_checkout <> _}}}, 5_000
@@ -47,12 +52,7 @@ defmodule DSPex.PythonBridge.NativePoolForgedCheckoutTest do
     # Before: a KeyError or BadMapError from call/4, execute_stream/4 and checkin/1.
     for pool <- [nil, %{}, :pool, %{name: :x}] do
       forged = %{real | pool: pool}
-
-      assert {:error, {:checkout_failed, @not_a_checkout <> _}} =
-               NativePool.call(forged, :echo, %{})
-
-      assert [{:error, {:checkout_failed, @not_a_checkout <> _}}] =
-               Enum.to_list(NativePool.execute_stream(forged, :echo, %{}))
+      assert_call_and_stream_refused(forged, %{})
 
       assert_raise ArgumentError, ~r/#{@not_a_checkout}.*got pool: /, fn ->
         NativePool.checkin(forged)

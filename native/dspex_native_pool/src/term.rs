@@ -360,7 +360,7 @@ fn write_key(k: Term, v: Term, out: &mut Vec<u8>, budget: usize) -> Result<u8, F
             if is_struct {
                 let module = atom_text(v).unwrap_or_default();
                 return Err(Fail::Struct {
-                    module: module.trim_start_matches("Elixir.").to_owned(),
+                    module: elixir_name(&module),
                     container: true,
                 });
             }
@@ -467,7 +467,12 @@ fn struct_module(map: Term) -> Option<String> {
         .to_term(env);
     let module = map.map_get(key).ok().filter(|m| m.is_atom())?;
     let name = atom_text(module).ok()?;
-    Some(name.trim_start_matches("Elixir.").to_owned())
+    Some(elixir_name(&name))
+}
+
+/// A module's name as Elixir writes it (`Elixir.Date` -> `Date`).
+fn elixir_name(module: &str) -> String {
+    module.trim_start_matches("Elixir.").to_owned()
 }
 
 /// An atom's name, whatever its characters.

@@ -63,7 +63,7 @@ pub struct Request {
     pub args: Vec<u8>,
     pub timeout: Duration,
     /// The arguments' top-level members, for a command whose success the pool records
-    /// (session state, `configure_lm`). Leave `None`: the pool reads them as the request
+    /// ([`crate::session::is_recorded`]: session state, `configure_lm`). Leave `None`: the pool reads them as the request
     /// enters it, on the thread that submitted it (a dirty scheduler for large arguments), so
     /// recording the reply never reads large arguments on whichever thread reads the reply.
     pub members: Option<RawObject>,
@@ -79,7 +79,7 @@ impl Request {
     /// # Errors
     /// [`PoolError::InvalidArgs`] when the frame would exceed `max_frame`.
     pub(crate) fn prepared(mut self, max_frame: usize) -> Result<Request, PoolError> {
-        if self.members.is_none() && crate::session::reads_members(&self.command) {
+        if self.members.is_none() && crate::session::is_recorded(&self.command) {
             self.members = RawObject::parse(&self.args);
         }
         if self.frame.is_none() {

@@ -50,12 +50,15 @@ impl<R> Core<R> {
         now: Instant,
         fx: &mut Effects<R>,
     ) -> Result<Acquired, PoolError> {
-        let once = match once.map(|r| r.prepared(self.config.max_frame_size)) {
-            Some(Err(e)) => {
+        let once = match once
+            .map(|r| r.prepared(self.config.max_frame_size))
+            .transpose()
+        {
+            Ok(once) => once,
+            Err(e) => {
                 fx.push(Effect::Discard(reply));
                 return Err(e);
             }
-            prepared => prepared.transpose().expect("an error returned above"),
         };
         if self.closed {
             fx.push(Effect::Discard(reply));

@@ -45,13 +45,14 @@ impl SessionRecord {
         !self.programs.is_empty() || self.lm.is_some()
     }
 
-    /// Applies a successful reply of `command` (`result`: the reply's result, as JSON text);
-    /// true when the record changed.
-    pub fn apply(&mut self, command: &str, args: &[u8], result: &[u8]) -> bool {
+    /// [`SessionRecord::apply_members`] on the arguments' text (the tests' form).
+    #[cfg(test)]
+    fn apply(&mut self, command: &str, args: &[u8], result: &[u8]) -> bool {
         RawObject::parse(args).is_some_and(|args| self.apply_members(command, args, result))
     }
 
-    /// [`SessionRecord::apply`] with the arguments' members already read.
+    /// Applies a successful reply of `command` (`args`: its arguments' members; `result`: the
+    /// reply's result, as JSON text); true when the record changed.
     pub fn apply_members(&mut self, command: &str, mut args: RawObject, result: &[u8]) -> bool {
         args.remove("session_id");
         let changed = match command {
@@ -129,22 +130,19 @@ pub fn is_recorded(command: &str) -> bool {
     )
 }
 
-/// A `configure_lm` without a session configures every worker, present and future.
-pub fn is_global_config(command: &str, args: &[u8]) -> bool {
-    command == "configure_lm" && is_global_config_of(command, RawObject::parse(args).as_ref())
+/// [`is_global_config_of`] on the arguments' text (the tests' form).
+#[cfg(test)]
+fn is_global_config(command: &str, args: &[u8]) -> bool {
+    is_global_config_of(command, RawObject::parse(args).as_ref())
 }
 
-/// [`is_global_config`] with the arguments' members already read (`None`: not an object).
+/// A `configure_lm` without a session configures every worker, present and future (`members`:
+/// its arguments' members, `None` when they are not an object).
 pub fn is_global_config_of(command: &str, members: Option<&RawObject>) -> bool {
     command == "configure_lm"
         && !members
             .and_then(|m| m.get("session_id").map(|s| s != b"null"))
             .unwrap_or(false)
-}
-
-/// Whether the pool reads a request's argument members: it may record the command's success.
-pub fn reads_members(command: &str) -> bool {
-    is_recorded(command) || command == "configure_lm"
 }
 
 #[cfg(test)]
